@@ -1,0 +1,71 @@
+"""``fhirplug convert``: the converter's click command (the SDK's CLI attaches it lazily)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from fhirplug.errors import FhirplugError
+
+__all__ = ["convert"]
+
+
+class _ConvertFailed(click.ClickException):
+    """A one-line message and the error family's exit code (7 for ConvertError), no traceback."""
+
+    def __init__(self, error: FhirplugError) -> None:
+        super().__init__(str(error))
+        self.exit_code = error.exit_code
+
+
+@click.command("convert")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
+@click.option(
+    "--sign-key",
+    type=click.Path(exists=True, dir_okay=False),
+    help="ed25519 private key (PEM) to sign the manifest with (make one with `fhirplug keygen`).",
+)
+@click.option("--max-steps", type=click.IntRange(min=1), help="Stop training after N optimizer steps.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Override training.epochs.")
+@click.option("--max-train-examples", type=click.IntRange(min=1), help="Train on at most N examples.")
+@click.option(
+    "--save-checkpoint",
+    type=click.Path(file_okay=False),
+    help="Also save the trained PyTorch model + tokenizer here (the baseline for benchmarks/compare.py).",
+)
+@click.option("--quiet", is_flag=True, help="No progress bars or step lines; only the result.")
+def convert(
+    recipe: str,
+    out_dir: str,
+    sign_key: str | None,
+    max_steps: int | None,
+    epochs: int | None,
+    max_train_examples: int | None,
+    save_checkpoint: str | None,
+    quiet: bool,
+) -> None:
+    """Fine-tune, export, quantize, parity-check and package a plugin from RECIPE (TOML or YAML)."""
+    from fhirplug_convert.pipeline import convert as run
+
+    try:
+        result = run(
+            recipe,
+            out_dir,
+            sign_key=sign_key,
+            progress=False if quiet else None,
+            log=None if quiet else lambda line: click.echo(line, err=True),
+            max_steps=max_steps,
+            epochs=epochs,
+            max_train_examples=max_train_examples,
+            checkpoint=save_checkpoint,
+        )
+    except FhirplugError as exc:
+        report = getattr(exc, "report", None)  # a failed parity gate: show what was measured, then the verdict
+        if report is not None:
+            click.echo(json.dumps(report, indent=2, sort_keys=True), err=True)
+        raise _ConvertFailed(exc) from exc
+    variants = ", ".join(result.parity.get("packaged", []))
+    dropped = result.parity.get("dropped", [])
+    click.echo(f"built {result.bundle} ({variants})" + (f"; left out: {', '.join(dropped)}" if dropped else ""))

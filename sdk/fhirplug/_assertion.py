@@ -1,0 +1,239 @@
+"""Assertion of entity mentions: negated, possible, historical, and whose condition it is (ConText/NegEx style).
+
+The algorithm (after NegEx, Chapman et al. 2001, and ConText, Harkema et al. 2009), on character offsets:
+
+1. Split the text into sentences (``.``, ``!``, ``?``, ``;`` before whitespace, and line breaks).
+2. In each sentence, find the lexicon's phrases (case-insensitive, on word boundaries, longest match first, no
+   overlaps): triggers, pseudo-triggers (phrases that contain a trigger but are none: "no change", "gram
+   negative") and terminators ("but", "however", "except"...). Phrases inside an entity mention are ignored.
+3. A *forward* trigger's scope runs from its end to the next terminator, pseudo-trigger or trigger (triggers
+   right next to it, "has no history of", are passed over), or the end of the sentence; a *backward* trigger's
+   scope runs back to the previous one, or the sentence start.
+   ``max_scope_words`` (0: unlimited) caps a scope's length in words.
+4. A mention whose start lies in a scope takes the trigger's categories.
+
+The lexicon is a JSON file (``fhirplug/data/assertion.json`` by default; a plugin ships its own, and a caller can
+pass another): ``triggers`` by category (``negated``, ``possible``, ``historical``, ``family``, ``other``;
+``a+b`` names a trigger with two categories) and direction (``forward``, ``backward``), ``pseudo``,
+``terminators``, ``max_scope_words`` and ``family_relationships`` (trigger → HL7 v3 RoleCode).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEFAULT_LEXICON", "Assertion", "Lexicon", "assert_spans", "sentences"]
+
+DEFAULT_LEXICON = Path(__file__).parent / "data" / "assertion.json"
+CATEGORIES = ("negated", "possible", "historical", "family", "other")
+_SENTENCE_END = re.compile(r"[.!?;](?=\s|$)|\n")
+_WORD = re.compile(r"\w+")
+
+
+@dataclass(frozen=True)
+class Assertion:
+    """What the context says about one mention."""
+
+    negated: bool = False
+    possible: bool = False
+    historical: bool = False
+    #: ``patient``, ``family`` (a relative's condition) or ``other`` (someone else's).
+    subject: str = "patient"
+    #: HL7 v3 RoleCode of the relative (``MTH``, ``FAMMEMB`` ...) when ``subject`` is ``family``.
+    relationship: str | None = None
+    #: The trigger phrases that applied, as ``category:phrase``.
+    triggers: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "negated": self.negated,
+            "possible": self.possible,
+            "historical": self.historical,
+            "subject": self.subject,
+            "relationship": self.relationship,
+            "triggers": list(self.triggers),
+        }
+
+
+@dataclass(frozen=True)
+class _Phrase:
+    text: str
+    kind: str  # trigger | pseudo | terminator
+    categories: tuple[str, ...] = ()
+    directions: tuple[str, ...] = ()
+
+
+def _pattern(phrase: str) -> str:
+    words = [re.escape(w) for w in phrase.split()]
+    body = r"\s+".join(words)
+    before = r"(?<!\w)" if phrase[:1].isalnum() else ""
+    after = r"(?!\w)" if phrase[-1:].isalnum() else ""
+    return before + body + after
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    """A parsed trigger lexicon. Build it with :meth:`load`, :meth:`default` or :meth:`from_dict`."""
+
+    phrases: tuple[_Phrase, ...]
+    max_scope_words: int = 0
+    relationships: Mapping[str, str] = field(default_factory=dict)
+    source: str = "inline"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "inline") -> Lexicon:
+        """Parse a lexicon mapping (the JSON file's content).
+
+        Raises:
+            ValueError: an unknown category or direction, or a phrase that is not a non-empty string.
+        """
+        merged: dict[str, tuple[set[str], set[str]]] = {}
+        for name, by_direction in dict(data.get("triggers", {})).items():
+            categories = tuple(name.split("+"))
+            unknown = [c for c in categories if c not in CATEGORIES]
+            if unknown:
+                raise ValueError(f"{source}: unknown assertion category {unknown}; known: {list(CATEGORIES)}")
+            for direction, phrases in dict(by_direction).items():
+                if direction not in ("forward", "backward"):
+                    raise ValueError(f"{source}: triggers.{name}.{direction}: expected forward or backward")
+                for phrase in phrases:
+                    if not isinstance(phrase, str) or not phrase.strip():
+                        raise ValueError(f"{source}: triggers.{name}.{direction}: {phrase!r} is not a phrase")
+                    # One phrase may be listed under several categories or directions: gather them.
+                    cats, dirs = merged.setdefault(phrase.lower().strip(), (set(), set()))
+                    cats.update(categories)
+                    dirs.add(direction)
+        phrases = [
+            _Phrase(text, "trigger", tuple(sorted(cats)), tuple(sorted(dirs))) for text, (cats, dirs) in merged.items()
+        ]
+        phrases += [_Phrase(p.lower().strip(), "pseudo") for p in data.get("pseudo", []) if str(p).strip()]
+        phrases += [_Phrase(p.lower().strip(), "terminator") for p in data.get("terminators", []) if str(p).strip()]
+        relationships = {str(k).lower(): str(v) for k, v in dict(data.get("family_relationships", {})).items()}
+        return cls(tuple(phrases), int(data.get("max_scope_words", 0) or 0), relationships, source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Lexicon:
+        path = Path(path)
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")), str(path))
+
+    @classmethod
+    def default(cls) -> Lexicon:
+        return _default()
+
+    @property
+    def cues(self) -> frozenset[str]:
+        """Every phrase of the lexicon (lowercase, single-spaced)."""
+        return frozenset(" ".join(p.text.split()) for p in self.phrases)
+
+    @property
+    def regex(self) -> re.Pattern[str]:
+        return _compile(self.phrases)
+
+
+@cache
+def _default() -> Lexicon:
+    return Lexicon.load(DEFAULT_LEXICON)
+
+
+@cache
+def _compile(phrases: tuple[_Phrase, ...]) -> re.Pattern[str]:
+    # Longest first, so "no history of" beats "no" and "history of" at the same place.
+    ordered = sorted({p.text for p in phrases}, key=lambda t: (-len(t), t))
+    return re.compile("|".join(f"(?:{_pattern(t)})" for t in ordered), re.IGNORECASE)
+
+
+def sentences(text: str) -> list[tuple[int, int]]:
+    """``[start, end)`` character spans of the sentences of ``text`` (the delimiter stays with its sentence)."""
+    spans = []
+    start = 0
+    for match in _SENTENCE_END.finditer(text):
+        spans.append((start, match.end()))
+        start = match.end()
+    if start < len(text):
+        spans.append((start, len(text)))
+    return spans
+
+
+def _limit(text: str, start: int, end: int, words: int, forward: bool) -> tuple[int, int]:
+    if words <= 0:
+        return start, end
+    found = list(_WORD.finditer(text, start, end))
+    if len(found) <= words:
+        return start, end
+    return (start, found[words - 1].end()) if forward else (found[-words].start(), end)
+
+
+def assert_spans(text: str, spans: Sequence[tuple[int, int]], lexicon: Lexicon | None = None) -> list[Assertion]:
+    """The assertion of each ``[start, end)`` mention of ``text``, in input order.
+
+    Args:
+        text: the note.
+        spans: character spans of the mentions (offsets into ``text``).
+        lexicon: the trigger lexicon (default: fhirplug's).
+    """
+    lexicon = lexicon or Lexicon.default()
+    by_text = {p.text: p for p in lexicon.phrases}
+    pattern = lexicon.regex
+    results: list[Assertion] = [Assertion() for _ in spans]
+    if not spans or not text.strip():
+        return results
+    bounds = sentences(text)
+    for s_start, s_end in bounds:
+        members = [i for i, (a, _) in enumerate(spans) if s_start <= a < s_end]
+        if not members:
+            continue
+        inside = [spans[i] for i in members]
+        found: list[tuple[int, int, _Phrase]] = []
+        for match in pattern.finditer(text, s_start, s_end):
+            a, b = match.span()
+            if any(a < e and s < b for s, e in inside):
+                continue  # a trigger word inside a mention ("no-reflow") is part of the mention
+            phrase = by_text.get(" ".join(match.group(0).lower().split()))
+            if phrase is not None:
+                found.append((a, b, phrase))
+        if not any(p.kind == "trigger" for _, _, p in found):
+            continue
+        cats: dict[int, dict[str, str]] = {i: {} for i in members}
+        for k, (a, b, phrase) in enumerate(found):
+            if phrase.kind != "trigger":
+                continue
+            scopes = []
+            if "forward" in phrase.directions:
+                # The scope runs on through triggers that follow with nothing between ("has no history of").
+                nxt, edge = k + 1, b
+                while nxt < len(found) and found[nxt][2].kind == "trigger" and not text[edge : found[nxt][0]].strip():
+                    edge = found[nxt][1]
+                    nxt += 1
+                stop = found[nxt][0] if nxt < len(found) else s_end
+                scopes.append(_limit(text, b, stop, lexicon.max_scope_words, True))
+            if "backward" in phrase.directions:
+                begin = found[k - 1][1] if k > 0 else s_start
+                scopes.append(_limit(text, begin, a, lexicon.max_scope_words, False))
+            for i in members:
+                start = spans[i][0]
+                if any(lo <= start < hi for lo, hi in scopes):
+                    for category in phrase.categories:
+                        cats[i].setdefault(category, phrase.text)
+        for i in members:
+            got = cats[i]
+            if not got:
+                continue
+            subject = "family" if "family" in got else "other" if "other" in got else "patient"
+            relationship = None
+            if subject == "family":
+                relationship = lexicon.relationships.get(got["family"], "FAMMEMB")
+            results[i] = Assertion(
+                negated="negated" in got,
+                possible="possible" in got,
+                historical="historical" in got,
+                subject=subject,
+                relationship=relationship,
+                triggers=tuple(f"{c}:{p}" for c, p in sorted(got.items())),
+            )
+    return results

@@ -1,0 +1,447 @@
+"""The ``fhirplug`` command line.
+
+Expected failures never print a traceback: a :class:`~fhirplug.errors.FhirplugError` becomes a one-line message
+and the error family's exit code.
+
+Exit codes: 0 ok · 1 other fhirplug error · 2 usage error (click) · 3 plugin not found, invalid, tampered or
+untrusted · 4 FHIR input with errors (good input is still predicted and written) · 5 provider or variant not
+available · 6 a missing extra · 7 convert failed (bad recipe or data, parity gate).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import click
+
+from fhirplug import __version__
+from fhirplug.errors import FhirplugError, InputError, MissingExtraError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class FhirplugClickError(click.ClickException):
+    """A ClickException whose exit code is the FhirplugError family's."""
+
+    def __init__(self, error: FhirplugError) -> None:
+        super().__init__(str(error))
+        # click declares exit_code a ClassVar; one instance per error family is simpler than a class each.
+        self.exit_code = error.exit_code  # type: ignore[misc]
+
+
+def _translate(func: F) -> F:
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except FhirplugError as exc:
+            raise FhirplugClickError(exc) from exc
+
+    return cast(F, wrapper)
+
+
+def _load_options(func: F) -> F:
+    options = [
+        click.option(
+            "--trusted-key",
+            "trusted_keys",
+            multiple=True,
+            type=click.Path(exists=True, dir_okay=False),
+            help="PEM ed25519 public key a signed plugin must verify with (repeatable).",
+        ),
+        click.option(
+            "--allow-unsigned",
+            is_flag=True,
+            envvar="FHIRPLUG_ALLOW_UNSIGNED",
+            help="Accept a plugin without a signature (its file hashes are still checked).",
+        ),
+        click.option(
+            "--provider",
+            type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+            default="auto",
+            show_default=True,
+            help="Execution provider; auto tries TensorRT, CUDA, then CPU.",
+        ),
+        click.option(
+            "--variant",
+            type=click.Choice(["auto", "fp32", "int8", "fp16"]),
+            default="auto",
+            show_default=True,
+            help="Model variant; auto is fp16 on a GPU and int8 on the CPU.",
+        ),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fhirplug")
+def main() -> None:
+    """fhirplug: clinical NLP plugins that read FHIR R4 and answer with coded FHIR.
+
+    A plugin is a verified bundle (manifest, ONNX model variants, tokenizer, label→code map, hashes, optional
+    signature). Give a plugin as a bundle directory or by the name `fhirplug plugins` lists.
+    """
+
+
+@main.command()
+@click.argument("plugin")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest and bundle facts as JSON.")
+@_translate
+def inspect(plugin: str, as_json: bool) -> None:
+    """Describe PLUGIN: task, codes, variants, calibration, metrics (reads the manifest only)."""
+    from fhirplug._describe import describe_bundle
+
+    click.echo(describe_bundle(plugin, as_json=as_json))
+
+
+@main.command()
+@click.argument("plugin")
+@_load_options
+@_translate
+def verify(
+    plugin: str,
+    trusted_keys: Sequence[str],
+    allow_unsigned: bool,
+    provider: str,
+    variant: str,
+    threads: int | None,
+) -> None:
+    """Check every file's sha256, the signature, and that the model loads and matches its manifest."""
+    from fhirplug.plugin import load_plugin
+
+    loaded = load_plugin(
+        plugin,
+        trusted_keys=trusted_keys,
+        allow_unsigned=allow_unsigned,
+        provider=provider,
+        variant=variant,
+        threads=threads,
+    )
+    files = len(loaded.manifest.files) + len(loaded.manifest.variants)
+    signature = f"signed by key {loaded.signed_by}" if loaded.signed_by else "unsigned (allowed)"
+    click.echo(
+        f"OK {loaded.name} {loaded.manifest.version}: {files} files match their sha256; {signature}; "
+        f"loads {loaded.variant} on {loaded.provider}; manifest sha256 {loaded.manifest_sha256}"
+    )
+
+
+def _read_inputs(inputs: Sequence[str]) -> list[tuple[str, bytes]]:
+    out = []
+    for name in inputs:
+        if name == "-":
+            out.append(("<stdin>", sys.stdin.buffer.read()))
+            continue
+        try:
+            out.append((name, Path(name).read_bytes()))
+        except OSError as exc:
+            raise InputError(f"{name}: cannot read the input file ({exc.strerror})") from exc
+    return out
+
+
+@main.command()
+@click.argument("plugin")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["bundle", "transaction", "ndjson"]),
+    default="bundle",
+    show_default=True,
+    help="collection Bundle, transaction Bundle (POST-ready), or NDJSON.",
+)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), help="Write here, not stdout.")
+@click.option(
+    "--outcome",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Also write the OperationOutcome (all issues) as JSON here.",
+)
+@click.option(
+    "--max-chars",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Longest text read from one element (default 1,000,000 characters); longer ones are reported.",
+)
+@_load_options
+@_translate
+def predict(
+    plugin: str,
+    inputs: Sequence[str],
+    fmt: str,
+    output: str | None,
+    outcome: str | None,
+    max_chars: int | None,
+    trusted_keys: Sequence[str],
+    allow_unsigned: bool,
+    provider: str,
+    variant: str,
+    threads: int | None,
+) -> None:
+    """Predict codes for FHIR INPUTS (JSON resources, Bundles or NDJSON files; - for stdin).
+
+    Writes the generated resources (RiskAssessment or Condition per prediction, a Device and one Provenance).
+    Problems in the input are reported on stderr as OperationOutcome issues and give exit code 4; every good
+    resource is still predicted and written.
+    """
+    from fhirplug.fhir.outcome import Issue
+    from fhirplug.fhir.reader import read_fhir
+    from fhirplug.plugin import DEFAULT_MAX_CHARS, PredictionResult, load_plugin
+
+    loaded = load_plugin(
+        plugin,
+        trusted_keys=trusted_keys,
+        allow_unsigned=allow_unsigned,
+        provider=provider,
+        variant=variant,
+        threads=threads,
+        max_chars=max_chars or DEFAULT_MAX_CHARS,
+    )
+    sources, issues = [], []
+    for name, raw in _read_inputs(inputs):
+        read = read_fhir(
+            raw,
+            resource_types=loaded.manifest.inputs.resource_types,
+            max_chars=loaded.max_chars,
+            source_name=name,
+        )
+        sources.extend(read.sources)
+        issues.extend(read.issues)
+    result: PredictionResult = loaded._predict_read(sources, issues, 0.0)
+    if fmt == "ndjson":
+        text = result.to_ndjson()
+    else:
+        text = json.dumps(result.to_fhir("transaction" if fmt == "transaction" else "collection"), indent=2) + "\n"
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
+    else:
+        click.echo(text, nl=False)
+    if outcome:
+        Path(outcome).write_text(json.dumps(result.outcome(), indent=2) + "\n", encoding="utf-8")
+    problems: list[Issue] = [i for i in result.issues if i.severity != "information"]
+    for issue in problems:
+        where = f" at {', '.join(issue.expression)}" if issue.expression else ""
+        origin = f"{issue.source}: " if issue.source else ""
+        click.echo(f"{issue.severity} [{issue.code}] {origin}{issue.diagnostics}{where}", err=True)
+    click.echo(
+        f"{len(result.predictions)} prediction(s) from {len(result.sources)} text(s); "
+        f"{sum(i.is_error for i in result.issues)} error(s); {loaded.variant} on {loaded.provider}",
+        err=True,
+    )
+    if result.has_errors:
+        sys.exit(InputError.exit_code)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print name → bundle path as JSON.")
+@_translate
+def plugins(as_json: bool) -> None:
+    """List discovered plugins (entry points, FHIRPLUG_PLUGIN_PATH, this checkout's plugins/)."""
+    from fhirplug._describe import list_plugins
+
+    click.echo(list_plugins(as_json=as_json))
+
+
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Folder for the key pair.")
+@click.option("--name", default="fhirplug", show_default=True, help="File name stem of the key pair.")
+@_translate
+def keygen(out_dir: str, name: str) -> None:
+    """Make an ed25519 key pair for signing plugins (NAME.key private, NAME.pub public, PEM)."""
+    from fhirplug.bundle import generate_keypair
+
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    private, public = folder / f"{name}.key", folder / f"{name}.pub"
+    if private.exists():
+        raise FhirplugClickError(FhirplugError(f"{private} exists; refusing to overwrite a private key"))
+    generate_keypair(private, public)
+    click.echo(f"private key: {private} (keep it secret)\npublic key:  {public} (give it to users: --trusted-key)")
+
+
+class _LazyConvert(click.Command):
+    """``fhirplug convert`` lives in fhirplug_convert (the [train] extra); import it only when called."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "convert",
+            help="Fine-tune, export, quantize, parity-check and package a plugin from a RECIPE "
+            "(needs the [train] extra).",
+            context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+            add_help_option=False,
+        )
+
+    def _real(self) -> click.Command:
+        try:
+            from fhirplug_convert.cli import convert as real
+        except ImportError as exc:
+            raise FhirplugClickError(MissingExtraError("train", "fhirplug convert")) from exc
+        return cast(click.Command, real)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        real = self._real()
+        return real.main(ctx.args, prog_name=ctx.command_path, standalone_mode=False)
+
+    def get_help(self, ctx: click.Context) -> str:
+        try:
+            return self._real().get_help(ctx)
+        except click.ClickException as exc:
+            return f"{self.help}\n\n{exc.format_message()}"
+
+
+main.add_command(_LazyConvert())
+
+
+@main.command()
+@click.option("--train", is_flag=True, help="Rebuild the plugin from the default recipe first (needs [train]).")
+@click.option(
+    "--max-steps",
+    type=click.IntRange(min=1),
+    default=60,
+    show_default=True,
+    help="Training steps for --train (a short schedule).",
+)
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False),
+    default=".fhirplug-demo",
+    show_default=True,
+    help="Where --train writes its bundle.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    default="fhirplug-demo-output.json",
+    show_default=True,
+    help="The output collection Bundle.",
+)
+@_translate
+def demo(train: bool, max_steps: int, work_dir: str, output: str) -> None:
+    """Run the default plugin over the shipped example FHIR inputs: table, output Bundle, latency."""
+    from dataclasses import replace
+
+    from fhirplug import _demo
+
+    if train:
+        plugin, load_s = _demo.train_default(click.echo, Path(work_dir), max_steps)
+    else:
+        plugin, load_s = _demo.load_default(click.echo)
+    folder = _demo.plugin_dir()
+    examples = sorted((folder / "examples").glob("*.json"))
+    run = replace(_demo.run_examples(plugin, examples, Path(output)), load_s=load_s)
+    click.echo(f"\n{len(examples)} example FHIR input(s) from {folder.relative_to(_demo.CHECKOUT)}/examples\n")
+    click.echo(_demo.render(run, _demo.load_expected(folder)))
+    click.echo(_demo.latency_line(run))
+    click.echo(f"wrote the output Bundle (RiskAssessment per code, Device, Provenance) to {output}")
+
+
+def _sizes(value: str | None, what: str) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        sizes = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            f"expected comma-separated integers like 1,8,32, got {value!r}", param_hint=what
+        ) from None
+    if not sizes or any(s <= 0 for s in sizes):
+        raise click.BadParameter(f"sizes must be positive integers, got {value!r}", param_hint=what)
+    return sizes
+
+
+@main.command()
+@click.argument("plugin")
+@click.option(
+    "--provider",
+    type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+    default="auto",
+    show_default=True,
+    help="auto benchmarks every available provider the plugin has a variant for.",
+)
+@click.option("--variant", type=click.Choice(["fp32", "int8", "fp16", "all"]), default="all", show_default=True)
+@click.option("--batch", "batch", default="1,8,32", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--tokens", default=None, help="Sequence lengths (default 32,128 and the plugin's window).")
+@click.option(
+    "--corpus",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Texts (.txt lines, .jsonl 'text', or FHIR JSON/NDJSON) for end-to-end throughput.",
+)
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed calls per shape.")
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0, min_open=True),
+    default=3.0,
+    show_default=True,
+    help="Seconds timed per shape.",
+)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+@click.option(
+    "--cold-start/--no-cold-start",
+    default=True,
+    show_default=True,
+    help="Measure import + load + first prediction in fresh processes.",
+)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the report here.")
+@click.option(
+    "--plot",
+    "plot_out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write a PNG of latency by shape and variant (needs the [bench] extra).",
+)
+@_translate
+def bench(
+    plugin: str,
+    provider: str,
+    variant: str,
+    batch: str,
+    tokens: str | None,
+    corpus: str | None,
+    warmup: int,
+    duration: float,
+    threads: int | None,
+    cold_start: bool,
+    json_out: str | None,
+    plot_out: str | None,
+) -> None:
+    """Latency (p50/p95/p99), throughput, cold start and peak RSS of PLUGIN, per provider × variant × shape."""
+    from fhirplug import _bench
+    from fhirplug.bundle import read_manifest
+    from fhirplug.registry import resolve_plugin
+
+    batches = _sizes(batch, "--batch") or [1]
+    token_list = _sizes(tokens, "--tokens")
+    if corpus is not None and not Path(corpus).is_file():
+        raise FhirplugClickError(FhirplugError(f"{corpus}: the corpus file does not exist or is not a file"))
+    if token_list is None and corpus is None:
+        window = read_manifest(resolve_plugin(plugin))[0].tokenizer.max_tokens
+        token_list = sorted({t for t in (32, 128, window) if t <= window})
+    report = _bench.run_bench(
+        plugin,
+        provider=provider,
+        variant=variant,
+        batches=batches,
+        tokens=token_list,
+        corpus=Path(corpus) if corpus else None,
+        warmup=warmup,
+        duration=duration,
+        threads=threads,
+        cold=cold_start,
+        progress=lambda line: click.echo(line, err=True),
+    )
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        click.echo(f"wrote {json_out}", err=True)
+    if plot_out:
+        _bench.plot(report, Path(plot_out))
+        click.echo(f"wrote {plot_out}", err=True)
+    if not json_out:
+        click.echo(json.dumps(report, indent=2))

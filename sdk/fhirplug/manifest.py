@@ -1,0 +1,275 @@
+"""The plugin manifest (``manifest.json``, bundle schema v1): a frozen, typed model.
+
+The manifest travels with the model. It says what the plugin reads, what it writes (per label: code system URI,
+code, display), which ONNX variants it ships and for which execution providers, how to tokenize and window text,
+how to calibrate scores, and the sha256 of every file in the bundle. Unknown keys and a wrong schema version are
+errors that name the key, raised when the bundle is loaded, never at first inference.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fhirplug.errors import ManifestError
+
+__all__ = [
+    "MANIFEST_FILE",
+    "SCHEMA_VERSION",
+    "Calibration",
+    "EntitiesSpec",
+    "InputSpec",
+    "LabelSpec",
+    "Manifest",
+    "OutputSpec",
+    "TokenizerSpec",
+    "TrainingInfo",
+    "VariantSpec",
+    "parse_manifest",
+]
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+Precision = Literal["fp32", "int8", "fp16"]
+OutputResource = Literal["RiskAssessment", "Condition"]
+
+#: Resource types the runtime knows how to read text from (see fhirplug.fhir.extract).
+READABLE_TYPES = ("DocumentReference", "DiagnosticReport", "Observation", "Condition", "Procedure")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LabelSpec(_Frozen):
+    """One model output index and the code it stands for."""
+
+    label: str = Field(min_length=1)
+    system: str = Field(min_length=1, description="Canonical code system URI, e.g. http://snomed.info/sct")
+    code: str = Field(min_length=1)
+    display: str = Field(min_length=1)
+
+    @field_validator("system")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        if not (value.startswith(("http://", "https://", "urn:oid:", "urn:uuid:"))):
+            raise ValueError(f"code system must be a canonical URI (http://snomed.info/sct ...), got {value!r}")
+        return value
+
+
+class InputSpec(_Frozen):
+    resource_types: tuple[str, ...] = READABLE_TYPES
+    elements: tuple[str, ...] = ()
+
+    @field_validator("resource_types")
+    @classmethod
+    def _known(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(value) - set(READABLE_TYPES))
+        if unknown:
+            raise ValueError(f"cannot read text from {unknown}; readable types are {list(READABLE_TYPES)}")
+        if not value:
+            raise ValueError("at least one resource type is needed")
+        return value
+
+
+class OutputSpec(_Frozen):
+    resource: OutputResource = "RiskAssessment"
+    multi_label: bool = False
+    labels: tuple[LabelSpec, ...]
+
+    @model_validator(mode="after")
+    def _unique(self) -> OutputSpec:
+        if not self.labels:
+            raise ValueError("outputs.labels is empty: a plugin must map at least one label to a code")
+        seen: set[str] = set()
+        for spec in self.labels:
+            if spec.label in seen:
+                raise ValueError(f"label {spec.label!r} appears twice in outputs.labels")
+            seen.add(spec.label)
+        return self
+
+
+class VariantSpec(_Frozen):
+    file: str
+    precision: Precision
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    input_names: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
+    output_names: tuple[str, ...] = ("logits",)
+    opset: int = Field(ge=7)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class TokenizerSpec(_Frozen):
+    file: str = "tokenizer.json"
+    max_tokens: int = Field(ge=8, le=8192, description="Tokens per window, special tokens included")
+    stride: int = Field(ge=0, description="Tokens two consecutive windows share")
+
+    @model_validator(mode="after")
+    def _stride(self) -> TokenizerSpec:
+        if self.stride >= self.max_tokens - 2:
+            raise ValueError(f"stride {self.stride} must be smaller than max_tokens - 2 = {self.max_tokens - 2}")
+        return self
+
+
+class Calibration(_Frozen):
+    temperature: float = Field(default=1.0, gt=0)
+    #: Per-code decision thresholds on calibrated probabilities, keyed by label.
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    default_threshold: float = Field(default=0.5, ge=0, le=1)
+
+    @field_validator("thresholds")
+    @classmethod
+    def _range(cls, value: dict[str, float]) -> dict[str, float]:
+        for label, threshold in value.items():
+            if not 0.0 <= threshold <= 1.0:
+                raise ValueError(f"threshold for {label!r} is {threshold}, expected 0..1")
+        return value
+
+
+EntityResource = Literal["Condition", "MedicationStatement"]
+
+
+class EntitiesSpec(_Frozen):
+    """What a token-classification plugin does with the spans it finds (``entities`` in the manifest).
+
+    The entity types are ``outputs.labels`` (their order gives the BIO tags: ``O``, then ``B-`` and ``I-`` of each
+    label); this says which FHIR resource each type becomes, where the terminology is and how sure a
+    nearest-neighbour code must be.
+    """
+
+    #: Entity type (a label of outputs.labels) → the resource a coded mention of it becomes.
+    resources: dict[str, EntityResource]
+    #: Code system URI of the mention codes (the terminology in ``concepts``).
+    system: str
+    #: concepts.json: the dictionary (code, display, type, names) built at convert time.
+    concepts: str = "concepts.json"
+    #: concept_vectors.npz: character 3-gram TF-IDF vectors of every name (see fhirplug._coding).
+    vectors: str = "concept_vectors.npz"
+    #: Least cosine similarity for a nearest-neighbour code; below it a mention stays uncoded.
+    coding_threshold: float = Field(default=0.6, ge=0, le=1)
+    #: The assertion trigger lexicon (JSON) shipped in the bundle.
+    assertion_lexicon: str = "assertion.json"
+    #: Least mean token probability for a span to be reported.
+    min_confidence: float = Field(default=0.0, ge=0, le=1)
+
+
+class TrainingInfo(_Frozen):
+    base_model: str
+    method: str
+    trainable_parameters: int | None = None
+    total_parameters: int | None = None
+    dataset: str | None = None
+    seed: int | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Manifest(_Frozen):
+    """A parsed, validated manifest.json."""
+
+    schema_version: Literal[1]
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    version: str = Field(min_length=1)
+    task: str
+    license: str
+    description: str = ""
+    intended_use: str
+    limitations: str = ""
+    inputs: InputSpec = InputSpec()
+    outputs: OutputSpec
+    variants: tuple[VariantSpec, ...]
+    tokenizer: TokenizerSpec
+    calibration: Calibration = Calibration()
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    parity: dict[str, Any] = Field(default_factory=dict)
+    training: TrainingInfo | None = None
+    #: token-classification plugins: entity types → resources, terminology and assertion lexicon.
+    entities: EntitiesSpec | None = None
+    #: sha256 of every bundle file other than the manifest, the signature and the model variants.
+    files: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        if not self.variants:
+            raise ValueError("variants is empty: a plugin needs at least one ONNX model")
+        names = [v.file for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variants list a file twice: {names}")
+        precisions = [v.precision for v in self.variants]
+        if len(set(precisions)) != len(precisions):
+            raise ValueError(f"variants list a precision twice: {precisions}")
+        if self.tokenizer.file not in self.files:
+            raise ValueError(f"tokenizer file {self.tokenizer.file!r} has no sha256 in files")
+        labels = {spec.label for spec in self.outputs.labels}
+        unknown = sorted(set(self.calibration.thresholds) - labels)
+        if unknown:
+            raise ValueError(f"calibration.thresholds names labels not in outputs.labels: {unknown}")
+        if self.entities is not None:
+            unknown = sorted(set(self.entities.resources) - labels)
+            if unknown:
+                raise ValueError(f"entities.resources names labels not in outputs.labels: {unknown}")
+            for key in ("concepts", "vectors", "assertion_lexicon"):
+                name = getattr(self.entities, key)
+                if name not in self.files:
+                    raise ValueError(f"entities.{key} file {name!r} has no sha256 in files")
+        for file, digest in self.files.items():
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(f"files[{file!r}] is not a lowercase hex sha256")
+        return self
+
+    def variant(self, precision: str) -> VariantSpec:
+        for spec in self.variants:
+            if spec.precision == precision:
+                return spec
+        offered = [v.precision for v in self.variants]
+        raise KeyError(f"no {precision} variant; this plugin offers {offered}")
+
+    def to_json(self) -> str:
+        """Canonical JSON text (sorted keys, 2-space indent): the bytes that get hashed and signed."""
+        # A manifest without entities is written exactly as before the key existed (same bytes, same hash).
+        data = self.model_dump(mode="json", exclude={"entities"} if self.entities is None else None)
+        return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors()[:5]:
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            parts.append(f"unknown key {where!r}")
+        elif item["type"] == "missing":
+            parts.append(f"missing key {where!r}")
+        else:
+            parts.append(f"{where}: {item['msg']}")
+    more = len(error.errors()) - 5
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def parse_manifest(data: bytes | str | dict[str, Any], source: str | Path = MANIFEST_FILE) -> Manifest:
+    """Parse manifest JSON (text, bytes or an already-decoded dict) into a :class:`Manifest`.
+
+    Raises:
+        ManifestError: naming the file and the offending key.
+    """
+    if isinstance(data, dict):
+        raw: Any = data
+    else:
+        try:
+            raw = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"{source}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    version = raw.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ManifestError(
+            f"{source}: schema_version is {version!r}, this fhirplug reads schema_version {SCHEMA_VERSION}; "
+            "rebuild the plugin with a matching fhirplug or upgrade fhirplug"
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise ManifestError(f"{source}: {_describe(exc)}") from exc

@@ -1,0 +1,87 @@
+"""Duplicate merging, publishing a variant subset, and the saved PyTorch checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fhirplug import load_plugin
+from fhirplug.bundle import verify_bundle
+from fhirplug.errors import ConvertError
+from fhirplug_convert.datasets import Example, merge_duplicates
+from fhirplug_convert.package import publish_variants
+from fhirplug_convert.pipeline import convert
+from tests.converters.conftest import write_recipe
+
+pytestmark = pytest.mark.train
+
+
+def _ex(text: str, *labels: str, row: int) -> Example:
+    return Example(text, labels, group=f"row {row}", where=f"data.csv row {row}")
+
+
+def test_multilabel_duplicates_merge_their_labels() -> None:
+    rows = [_ex("a", "1", row=2), _ex("b", "2", row=3), _ex("a", "5", row=4), _ex("a", "1", row=5)]
+    merged, dropped = merge_duplicates(rows, multi_label=True)
+    assert dropped == 2
+    assert [(e.text, e.labels, e.where) for e in merged] == [("a", ("1", "5"), "data.csv row 2"), ("b", ("2",), "data.csv row 3")]
+
+
+def test_multiclass_duplicates_must_agree() -> None:
+    merged, dropped = merge_duplicates([_ex("a", "1", row=2), _ex("a", "1", row=3)], multi_label=False)
+    assert (len(merged), dropped) == (1, 1)
+    with pytest.raises(ConvertError, match=r"row 3: the same text as data.csv row 2 with a different label"):
+        merge_duplicates([_ex("a", "1", row=2), _ex("a", "2", row=3)], multi_label=False)
+
+
+@pytest.fixture(scope="module")
+def full_bundle(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("publish")
+    recipe = write_recipe(folder, tiny_base)
+    result = convert(recipe, folder / "bundle", progress=False, checkpoint=folder / "checkpoint")
+    return result.bundle, folder / "checkpoint"
+
+
+def test_limitations_reach_the_manifest(full_bundle: tuple[Path, Path]) -> None:
+    manifest = verify_bundle(full_bundle[0], allow_unsigned=True).manifest
+    assert manifest.limitations == "Template sentences; not clinical."
+
+
+def test_publish_int8_only(full_bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    source, _ = full_bundle
+    published = publish_variants(source, tmp_path / "int8", ["int8"])
+    assert [v.precision for v in published.variants] == ["int8"]
+    assert not (tmp_path / "int8" / "model.fp32.onnx").exists()
+    verified = verify_bundle(tmp_path / "int8", allow_unsigned=True)
+    original = verify_bundle(source, allow_unsigned=True).manifest
+    assert verified.manifest.metrics == original.metrics
+    assert verified.manifest.variant("int8").sha256 == original.variant("int8").sha256
+    texts = ["a note about nothing in particular", "another note"]
+    np.testing.assert_allclose(
+        load_plugin(tmp_path / "int8", allow_unsigned=True).predict_texts(texts),
+        load_plugin(source, allow_unsigned=True, variant="int8").predict_texts(texts),
+        atol=1e-6,
+    )
+    with pytest.raises(ConvertError, match="not empty"):
+        publish_variants(source, tmp_path / "int8", ["int8"])
+    with pytest.raises(ConvertError, match=r"cannot keep \['bf16'\]"):
+        publish_variants(source, tmp_path / "bf16", ["bf16"])
+
+
+def test_checkpoint_is_the_trained_model(full_bundle: tuple[Path, Path]) -> None:
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    source, checkpoint = full_bundle
+    assert len(json.loads((checkpoint / "config.json").read_text())["id2label"]) == 3
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    text = "patient reports chest pain"
+    with torch.no_grad():
+        logits = model(**tokenizer(text, return_tensors="pt")).logits[0].numpy()
+    plugin = load_plugin(source, allow_unsigned=True, variant="fp32")
+    windows = plugin.session.windows([text])
+    np.testing.assert_allclose(plugin.session.run(windows)[0], logits, atol=1e-4)
