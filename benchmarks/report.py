@@ -125,6 +125,9 @@ def _cold(results: dict[str, Any]) -> list[str]:
             f"{_num(c['first_prediction_s'])} | {_num(c['total_s'])} | {_num(c['peak_rss_mb'], 0)} |"
         )
     lines.append(f"\nMedian of {cold[0]['runs']} fresh processes each.")
+    fh = next((c for c in cold if c.get("bundle")), None)
+    if fh:
+        lines.append(f"fhirplug loads `{fh['bundle']}` ({fh['bundle_mb']} MB, every file's sha256 verified).")
     return lines
 
 

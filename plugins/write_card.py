@@ -35,9 +35,9 @@ def main(name: str, build: str, command: str) -> None:
         "\n## Reproduce\n\nFrom the repository root, with the train extra and the offline base model installed "
         "(see the top-level README), and ../shared/data beside the checkout:\n\n```bash\n"
         f"{command}\n"
-        f"python -c \"from fhirplug_convert.package import publish_variants as p; "
+        f'python -c "from fhirplug_convert.package import publish_variants as p; '
         f"p('plugins/{name}/build/bundle', 'plugins/{name}/bundle', ['int8'])\"\n"
-        f"python plugins/write_card.py {name} plugins/{name}/build/bundle \"{command}\"\n```\n"
+        f'python plugins/write_card.py {name} plugins/{name}/build/bundle "{command}"\n```\n'
     )
     (folder / "README.md").write_text(card, encoding="utf-8")
     print(f"wrote {folder / 'README.md'}")

@@ -35,6 +35,11 @@ class _ConvertFailed(click.ClickException):
     type=click.Path(file_okay=False),
     help="Also save the trained PyTorch model + tokenizer here (the baseline for benchmarks/compare.py).",
 )
+@click.option(
+    "--from-checkpoint",
+    type=click.Path(file_okay=False),
+    help="Skip training: package the model this recipe fine-tuned earlier (saved with --save-checkpoint).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars or step lines; only the result.")
 def convert(
     recipe: str,
@@ -44,6 +49,7 @@ def convert(
     epochs: int | None,
     max_train_examples: int | None,
     save_checkpoint: str | None,
+    from_checkpoint: str | None,
     quiet: bool,
 ) -> None:
     """Fine-tune, export, quantize, parity-check and package a plugin from RECIPE (TOML or YAML)."""
@@ -60,6 +66,7 @@ def convert(
             epochs=epochs,
             max_train_examples=max_train_examples,
             checkpoint=save_checkpoint,
+            from_checkpoint=from_checkpoint,
         )
     except FhirplugError as exc:
         report = getattr(exc, "report", None)  # a failed parity gate: show what was measured, then the verdict

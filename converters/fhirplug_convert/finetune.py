@@ -9,11 +9,13 @@ that module (:class:`PromptTuningModel`), and so inside the exported graph.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -145,6 +147,77 @@ def load_base(base: str, labels: Sequence[str], multi_label: bool) -> tuple[nn.M
     tokenizer.no_padding()
     tokenizer.no_truncation()
     return model, tokenizer
+
+
+TRAINING_RECORD = "fhirplug-training.json"
+
+
+def save_checkpoint(trained: TrainedModel, base: str, folder: str | Path) -> None:
+    """The trained model as a Hugging Face checkpoint (``save_pretrained``) plus the base model's tokenizer and
+    ``fhirplug-training.json`` (steps, best epoch, history, parameter counts) for ``load_checkpoint``.
+
+    Raises:
+        ConvertError: the model has no Hugging Face form (prompt tuning).
+    """
+    hf_model = trained.module.model if isinstance(trained.module, LogitsModel) else None
+    if hf_model is None:
+        raise ConvertError("--save-checkpoint: a prompt-tuning model has no Hugging Face checkpoint form")
+    from transformers import AutoTokenizer
+
+    hf_model.save_pretrained(folder)
+    # Fine-tuning does not change the tokenizer: the base model's, in its Hugging Face form.
+    AutoTokenizer.from_pretrained(str(base)).save_pretrained(folder)
+    record = {
+        "max_tokens": trained.max_tokens,
+        "trainable_parameters": trained.trainable_parameters,
+        "total_parameters": trained.total_parameters,
+        "steps": trained.steps,
+        "best_epoch": trained.best_epoch,
+        "history": trained.history,
+    }
+    (Path(folder) / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def load_checkpoint(folder: str | Path, recipe: Recipe) -> tuple[TrainedModel, Tokenizer]:
+    """A model this recipe fine-tuned earlier (saved by ``--save-checkpoint``), to export and package again
+    without training. Its labels must be the recipe's, in order.
+
+    Raises:
+        ConvertError: not a checkpoint, or one whose labels or window differ from the recipe's.
+    """
+    path = Path(folder)
+    record_path = path / TRAINING_RECORD
+    if not (path / "config.json").is_file() or not record_path.is_file():
+        raise ConvertError(
+            f"--from-checkpoint {folder}: not a checkpoint saved by --save-checkpoint "
+            f"(needs config.json and {TRAINING_RECORD})"
+        )
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    id2label = config.get("id2label") or {}
+    saved = [id2label.get(str(i)) for i in range(len(id2label))]
+    if saved != list(recipe.label_names):
+        raise ConvertError(
+            f"--from-checkpoint {folder}: its labels {saved} are not the recipe's {list(recipe.label_names)}"
+        )
+    model, tokenizer = load_base(str(path), recipe.label_names, recipe.output.multi_label)
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    max_tokens = window_size(model.config, recipe)
+    if int(record["max_tokens"]) != max_tokens:
+        raise ConvertError(
+            f"--from-checkpoint {folder}: trained with {record['max_tokens']}-token windows, "
+            f"the recipe asks for {max_tokens}"
+        )
+    trained = TrainedModel(
+        module=LogitsModel(model).eval(),
+        config=copy.deepcopy(model.config),
+        max_tokens=max_tokens,
+        trainable_parameters=int(record["trainable_parameters"]),
+        total_parameters=int(record["total_parameters"]),
+        steps=int(record["steps"]),
+        best_epoch=int(record["best_epoch"]),
+        history=list(record["history"]),
+    )
+    return trained, tokenizer
 
 
 def _is_head(name: str) -> bool:

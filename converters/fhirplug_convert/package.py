@@ -223,6 +223,16 @@ def render_model_card(recipe: Recipe, content: BundleContent, fused: Mapping[str
     for precision, entry in content.parity.get("variants", {}).items():
         facts = {k: v for k, v in entry.items() if k not in ("status",)}
         lines.append(f"| {precision} | {entry['status']} | {json.dumps(facts)} |")
+    mixed = content.parity.get("variants", {}).get("int8", {}).get("mixed_precision")
+    if mixed:
+        full = mixed.get("full_int8", {})
+        lines += [
+            "",
+            f"int8 is mixed precision: full int8 failed the gate ({'; '.join(full.get('reasons', []))}), so the "
+            f"converter searched for the fewest MatMuls to keep in fp32 (each encoder layer, then each MatMul of "
+            f"the best layer) and ships the best passing candidate: {', '.join(mixed['kept_fp32'])} in fp32, "
+            f"everything else int8.",
+        ]
     lines += ["", "## Reproduce", "", "```", content.command, "```", ""]
     return "\n".join(lines)
 

@@ -70,6 +70,7 @@ def convert(
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
     checkpoint: str | Path | None = None,
+    from_checkpoint: str | Path | None = None,
     **overrides: Any,
 ) -> ConvertResult:
     """Build a plugin bundle from a recipe.
@@ -83,6 +84,9 @@ def convert(
         checkpoint: also save the trained PyTorch model and tokenizer here (``save_pretrained``), e.g. as the
             PyTorch baseline for benchmarks/compare.py. LoRA is saved merged; prompt tuning cannot be saved
             this way (its virtual tokens live in a wrapper) and raises.
+        from_checkpoint: skip training: export and package a text-classification model this recipe fine-tuned
+            earlier and saved with ``checkpoint`` (its labels and window must match the recipe). Data is still
+            split as the recipe says, so calibration, the parity gate and the test metrics are recomputed.
         **overrides: recipe keys for quick runs: ``max_steps``, ``epochs``, ``max_train_examples``,
             ``batch_size``, ``learning_rate``, ``seed``, ``variants``, ``allow_drop``.
 
@@ -110,7 +114,12 @@ def convert(
     say(f"data: {splits.description}; {splits.counts()}")
     lap("data")
 
-    if recipe.task == "token-classification":
+    if from_checkpoint is not None:
+        if recipe.task != "text-classification":
+            raise ConvertError("--from-checkpoint: only text-classification checkpoints can be packaged again")
+        trained, tokenizer = finetune.load_checkpoint(from_checkpoint, recipe)
+        say(f"loaded the model this recipe fine-tuned earlier from {from_checkpoint} (no training)")
+    elif recipe.task == "token-classification":
         from fhirplug_convert import token_classification as ner
 
         trained, tokenizer = ner.train(recipe, base, splits.train, splits.validation, progress=progress, log=say)
@@ -123,14 +132,7 @@ def convert(
     lap("train")
     if checkpoint is not None:
         # Full, BitFit and (merged) LoRA models are a plain Hugging Face classifier inside LogitsModel.
-        hf_model = trained.module.model if isinstance(trained.module, finetune.LogitsModel) else None
-        if hf_model is None:
-            raise ConvertError(f"--save-checkpoint: a {recipe.method.kind} model has no Hugging Face checkpoint form")
-        from transformers import AutoTokenizer
-
-        hf_model.save_pretrained(checkpoint)
-        # Fine-tuning does not change the tokenizer: the base model's, in its Hugging Face form.
-        AutoTokenizer.from_pretrained(str(base)).save_pretrained(checkpoint)
+        finetune.save_checkpoint(trained, str(base), checkpoint)
         say(f"saved the PyTorch checkpoint to {checkpoint}")
 
     with tempfile.TemporaryDirectory(prefix="fhirplug-convert-") as tmp:
@@ -143,6 +145,56 @@ def convert(
         result = _build(recipe, trained, tokenizer, splits, work, out, sign_key, overrides, say, lap)
     timings.update(result.timings)
     return ConvertResult(result.bundle, result.manifest, result.metrics, result.parity, result.fused_operators, timings)
+
+
+def _int8_fallback(
+    fp32: Path,
+    work: Path,
+    score_path: Callable[[Path], list[np.ndarray]],
+    fp32_notes: list[np.ndarray],
+    targets: np.ndarray,
+    calibrated: validate.Calibrated,
+    tolerance: dict[str, float],
+    failed: dict[str, Any],
+    say: Callable[[str], None],
+) -> tuple[Path, list[np.ndarray], dict[str, Any]] | None:
+    """Mixed-precision int8 after full int8 failed the gate: as few MatMuls as possible kept in fp32.
+
+    First each encoder layer's MatMuls are kept fp32 in turn (a quantize + a validation pass each, seconds for
+    MiniLM); the passing layer with the smallest metric drop (then the highest agreement) is chosen. Then each
+    single MatMul of that layer is tried alone: a passing one is preferred (a smaller, faster model). The report
+    entry says which nodes stayed fp32 and what full int8 measured. None when nothing passes (the gate fails).
+    """
+
+    def attempt(name: str, nodes: list[str]) -> tuple[tuple[float, float], Path, list[np.ndarray], dict[str, Any]]:
+        path = work / f"model.int8.{name}.onnx"
+        quantize.quantize_int8(fp32, path, keep_fp32=nodes)
+        notes = score_path(path)
+        entry = validate.compare_variant(fp32_notes, notes, targets, calibrated, tolerance)
+        say(
+            f"int8 fallback, {name} kept fp32: {entry['metric']} drop {entry['metric_drop_points']:.2f} points, "
+            f"agreement {entry['agreement']:.4f} ({entry['status']})"
+        )
+        entry["mixed_precision"] = {"kept_fp32": nodes}
+        return (entry["metric_drop_points"], -entry["agreement"]), path, notes, entry
+
+    def best_of(tries: list[tuple[tuple[float, float], Path, list[np.ndarray], dict[str, Any]]]) -> Any:
+        passing = [t for t in tries if t[3]["status"] == "passed"]
+        return min(passing, key=lambda t: t[0]) if passing else None
+
+    layers = quantize.layer_matmuls(fp32)
+    chosen = best_of([attempt(f"layer{layer}", nodes) for layer, nodes in layers.items()])
+    if chosen is None:
+        return None
+    layer_nodes = chosen[3]["mixed_precision"]["kept_fp32"]
+    if len(layer_nodes) > 1:
+        single = best_of([attempt(node.strip("/").replace("/", "."), [node]) for node in layer_nodes])
+        chosen = single or chosen
+    _, path, notes, entry = chosen
+    entry["mixed_precision"]["full_int8"] = {
+        k: failed[k] for k in ("metric_drop_points", "agreement", "max_abs_logit_diff", "reasons") if k in failed
+    }
+    return path, notes, entry
 
 
 def _build(
@@ -247,6 +299,21 @@ def _build(
             }
             continue
         entry = validate.compare_variant(fp32_notes, notes, valid_targets, calibrated, tolerance)
+        if precision == "int8" and entry["status"] == "failed" and recipe.export.int8_fallback:
+            fallback = _int8_fallback(
+                fp32,
+                work,
+                lambda path: score(validate.onnx_runner(path, "int8")[0], valid_windows, len(valid_texts)),
+                fp32_notes,
+                valid_targets,
+                calibrated,
+                tolerance,
+                entry,
+                say,
+            )
+            if fallback is not None:
+                path, notes, entry = fallback
+                path.replace(files["int8"])
         report["variants"][precision] = {"provider": used, **entry}
         variant_notes[precision] = notes
     keep = validate.gate(report, recipe.export.allow_drop)

@@ -64,6 +64,7 @@ suggests the closest known key; relative paths resolve against the recipe file's
     variants = ["fp32", "int8", "fp16"]
     optimize = true                      # onnxruntime BERT fusion
     allow_drop = []                      # variants that may be left out when they fail the parity gate
+    int8_fallback = true                 # int8 fails the gate: retry keeping one encoder layer's MatMuls fp32
 
     # task = "token-classification": BIO span data and what mentions become
     # [data] format = "pubtator" | "conll"; validation_into_train = 0.8 moves that share of the validation
@@ -252,6 +253,9 @@ class ExportSpec(_Frozen):
     variants: tuple[Precision, ...] = ("fp32", "int8", "fp16")
     optimize: bool = True
     allow_drop: tuple[Precision, ...] = ()
+    #: When full int8 fails the parity gate, try mixed precision: each encoder layer's MatMuls kept in fp32 in
+    #: turn; the candidate with the smallest metric drop that passes the gate is packaged (and reported).
+    int8_fallback: bool = True
 
     @model_validator(mode="after")
     def _consistent(self) -> ExportSpec:

@@ -9,6 +9,7 @@ the converter (the [train] extra) and runs the same examples through it.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from fhirplug.plugin import Plugin, PredictionResult
 
 DEFAULT_PLUGIN = "medical-abstracts-mesh"
 #: sha256 of the committed default bundle's manifest.json; update it when the bundle is rebuilt on purpose.
-DEFAULT_MANIFEST_SHA256 = "UNSET"
+DEFAULT_MANIFEST_SHA256 = "f67db551d794d4ba2902cb3967e2015f78d5ec1c9b357fbd90cba10678f2c55b"
 CHECKOUT = Path(__file__).resolve().parents[2]
 PLUGINS = CHECKOUT / "plugins"
 
@@ -112,11 +113,15 @@ def run_examples(plugin: Plugin, examples: list[Path], output: Path) -> DemoRun:
     return DemoRun(plugin, results, 0.0, per_file, output)
 
 
+_TAG = re.compile(r"<[^>]*>?")
+
+
 def render(run: DemoRun, expected: dict[str, list[str]]) -> str:
     rows = [("input", "source", "code", "display", "prob", "evidence")]
     for path, result in run.results:
         for p in result.predictions:
-            snippet = " ".join(p.evidence.snippet.split())
+            # The snippet is the source's own text (offsets point into it): HTML tags are dropped for display only.
+            snippet = " ".join(_TAG.sub(" ", p.evidence.snippet).split())
             rows.append(
                 (
                     path.name,

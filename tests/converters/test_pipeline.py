@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +140,8 @@ def _corrupt_int8(monkeypatch: pytest.MonkeyPatch) -> None:
     """int8 quantization that also negates the classifier's weight scale, so decisions flip."""
     real = fhirplug_convert.quantize.quantize_int8
 
-    def broken(source: Path, target: Path) -> None:
-        real(source, target)
+    def broken(source: Path, target: Path, keep_fp32: Sequence[str] = ()) -> None:
+        real(source, target, keep_fp32)
         model = onnx.load(str(target))
         hits = 0
         for init in model.graph.initializer:
@@ -162,6 +163,38 @@ def test_the_gate_rejects_a_broken_variant(tiny_base: Path, tmp_path: Path, monk
     entry = caught.value.report["variants"]["int8"]
     assert entry["status"] == "failed" and entry["agreement"] < 0.98
     assert not (tmp_path / "bundle").exists()
+
+
+def test_int8_falls_back_to_mixed_precision(tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full int8 fails the gate; keeping a MatMul of layer 1 in fp32 passes: the smallest such variant ships."""
+    real = fhirplug_convert.quantize.quantize_int8
+    calls: list[tuple[str, ...]] = []
+
+    def sensitive_layer_1(source: Path, target: Path, keep_fp32: Sequence[str] = ()) -> None:
+        calls.append(tuple(keep_fp32))
+        real(source, target, keep_fp32)
+        if not any("layer.1/" in name for name in keep_fp32):  # layer 1 quantized: decisions flip
+            model = onnx.load(str(target))
+            for init in model.graph.initializer:
+                if "classifier" in init.name and init.name.endswith("_scale"):
+                    init.CopyFrom(onnx.numpy_helper.from_array(-onnx.numpy_helper.to_array(init), init.name))
+            onnx.save(model, str(target))
+
+    monkeypatch.setattr(fhirplug_convert.quantize, "quantize_int8", sensitive_layer_1)
+    recipe = write_recipe(tmp_path, tiny_base, export='variants = ["fp32", "int8"]')
+    result = convert(recipe, tmp_path / "bundle", progress=False)
+    # full int8; each of the 2 layers kept fp32 (3 MatMuls each); then each MatMul of layer 1 alone
+    assert calls[0] == () and [len(c) for c in calls[1:]] == [3, 3, 1, 1, 1]
+    manifest = verify_bundle(result.bundle, allow_unsigned=True).manifest
+    entry = manifest.parity["variants"]["int8"]
+    assert entry["status"] == "passed"
+    mixed = entry["mixed_precision"]
+    assert len(mixed["kept_fp32"]) == 1 and "layer.1/" in mixed["kept_fp32"][0]
+    assert mixed["full_int8"]["agreement"] < 0.98
+    shipped = {n.name: n.op_type for n in onnx.load(str(result.bundle / "model.int8.onnx")).graph.node}
+    assert shipped[mixed["kept_fp32"][0]] == "MatMul"
+    assert sum(op == "MatMul" for name, op in shipped.items() if "layer." in name) == 1
+    assert "int8 is mixed precision" in (result.bundle / "README.md").read_text()
 
 
 def test_the_gate_drops_a_broken_variant_when_allowed(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.converters.conftest import write_recipe
 
 from fhirplug import load_plugin
 from fhirplug.bundle import verify_bundle
@@ -14,7 +15,6 @@ from fhirplug.errors import ConvertError
 from fhirplug_convert.datasets import Example, merge_duplicates
 from fhirplug_convert.package import publish_variants
 from fhirplug_convert.pipeline import convert
-from tests.converters.conftest import write_recipe
 
 pytestmark = pytest.mark.train
 
@@ -27,7 +27,10 @@ def test_multilabel_duplicates_merge_their_labels() -> None:
     rows = [_ex("a", "1", row=2), _ex("b", "2", row=3), _ex("a", "5", row=4), _ex("a", "1", row=5)]
     merged, dropped = merge_duplicates(rows, multi_label=True)
     assert dropped == 2
-    assert [(e.text, e.labels, e.where) for e in merged] == [("a", ("1", "5"), "data.csv row 2"), ("b", ("2",), "data.csv row 3")]
+    assert [(e.text, e.labels, e.where) for e in merged] == [
+        ("a", ("1", "5"), "data.csv row 2"),
+        ("b", ("2",), "data.csv row 3"),
+    ]
 
 
 def test_multiclass_duplicates_must_agree() -> None:
@@ -85,3 +88,36 @@ def test_checkpoint_is_the_trained_model(full_bundle: tuple[Path, Path]) -> None
     plugin = load_plugin(source, allow_unsigned=True, variant="fp32")
     windows = plugin.session.windows([text])
     np.testing.assert_allclose(plugin.session.run(windows)[0], logits, atol=1e-4)
+
+
+def test_from_checkpoint_packages_the_same_model_without_training(
+    full_bundle: tuple[Path, Path], tiny_base: Path, tmp_path: Path
+) -> None:
+    source, checkpoint = full_bundle
+    recipe = write_recipe(tmp_path, tiny_base)
+    again = convert(recipe, tmp_path / "again", progress=False, from_checkpoint=checkpoint, variants=["fp32"])
+    assert again.timings.get("train", 0.0) < 30
+    texts = ["wheezing and albuterol given", "blood pressure high, on lisinopril"]
+    np.testing.assert_allclose(
+        load_plugin(again.bundle, allow_unsigned=True).predict_texts(texts),
+        load_plugin(source, allow_unsigned=True, variant="fp32").predict_texts(texts),
+        atol=1e-5,
+    )
+    original = verify_bundle(source, allow_unsigned=True).manifest.metrics
+    repacked = verify_bundle(again.bundle, allow_unsigned=True).manifest.metrics
+    assert repacked["history"] == original["history"] and len(original["history"]) >= 1
+
+
+def test_from_checkpoint_refuses_other_labels(full_bundle: tuple[Path, Path], tiny_base: Path, tmp_path: Path) -> None:
+    from tests.converters.conftest import LABELS
+
+    _, checkpoint = full_bundle
+    reordered = "\n".join(
+        f'[[labels]]\nlabel = "{n}"\nsystem = "http://snomed.info/sct"\ncode = "{c}"\ndisplay = "{d}"\n'
+        for n, c, d in reversed(LABELS)
+    )
+    recipe = write_recipe(tmp_path, tiny_base, labels=reordered)
+    with pytest.raises(ConvertError, match=r"its labels \[.*\] are not the recipe's"):
+        convert(recipe, tmp_path / "x", progress=False, from_checkpoint=checkpoint)
+    with pytest.raises(ConvertError, match="not a checkpoint saved by --save-checkpoint"):
+        convert(recipe, tmp_path / "y", progress=False, from_checkpoint=tmp_path)

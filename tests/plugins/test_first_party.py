@@ -42,7 +42,9 @@ def test_recipe_is_valid(plugin: Path) -> None:
     recipe = load_recipe(plugin / "recipe.toml")
     assert recipe.name == plugin.name
     assert {spec.system for spec in recipe.labels} <= {
-        "http://snomed.info/sct", "https://www.nlm.nih.gov/mesh", "http://hl7.org/fhir/sid/icd-10-cm",
+        "http://snomed.info/sct",
+        "https://www.nlm.nih.gov/mesh",
+        "http://hl7.org/fhir/sid/icd-10-cm",
         "http://loinc.org",
     }
 
@@ -73,8 +75,16 @@ def test_recipe_builds_with_a_tiny_model(plugin: Path, tiny_base: Path, tmp_path
     if data is None or not data.exists():
         pytest.skip(f"{plugin.name}: training data {data} is not here (../shared/data is beside CI's checkout)")
     result = convert(
-        plugin / "recipe.toml", tmp_path / "bundle", progress=False, base_model=str(tiny_base),
-        max_tokens=32, stride=8, max_steps=3, max_train_examples=48, variants=["fp32"], allow_drop=[],
+        plugin / "recipe.toml",
+        tmp_path / "bundle",
+        progress=False,
+        base_model=str(tiny_base),
+        max_tokens=32,
+        stride=8,
+        max_steps=3,
+        max_train_examples=48,
+        variants=["fp32"],
+        allow_drop=[],
     )
     manifest = verify_bundle(result.bundle, allow_unsigned=True).manifest
     assert manifest.name == plugin.name
