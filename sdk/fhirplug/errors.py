@@ -88,11 +88,12 @@ class MissingExtraError(FhirplugError):
 
     exit_code = 6
 
-    def __init__(self, extra: str, purpose: str) -> None:
+    def __init__(self, extra: str, purpose: str, also: str = "") -> None:
         self.extra = extra
+        more = f" && {also}" if also else ""
         super().__init__(
             f"{purpose} needs the [{extra}] extra, which is not installed. "
-            f"Install it with: pip install -c constraints.txt -e '.[{extra}]'"
+            f"Install it with: pip install -c constraints.txt -e '.[{extra}]'{more}"
         )
 
 
