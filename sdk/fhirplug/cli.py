@@ -239,6 +239,71 @@ def predict(
 
 
 @main.command()
+@click.argument("plugin_names", metavar="PLUGIN...", nargs=-1, required=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0 picks a free port.")
+@click.option("--hook", default="patient-view", show_default=True, help="The CDS Hooks hook every service answers.")
+@click.option(
+    "--min-probability",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Leave predictions below this probability off the cards (the plugin's thresholds apply first).",
+)
+@_load_options
+@_translate
+def serve(
+    plugin_names: Sequence[str],
+    host: str,
+    port: int,
+    hook: str,
+    min_probability: float,
+    trusted_keys: Sequence[str],
+    allow_unsigned: bool,
+    provider: str,
+    variant: str,
+    threads: int | None,
+) -> None:
+    """Serve PLUGINs as CDS Hooks services (GET /cds-services, POST /cds-services/{plugin name}).
+
+    Each request's prefetch (FHIR resources or searchset Bundles) is predicted; the response holds a card per coded
+    prediction and a card whose suggestion creates the AI-labelled FHIR resources with their Provenance.
+    """
+    from fhirplug.cds_hooks import CdsService, make_server
+    from fhirplug.plugin import load_plugin
+
+    services = [
+        CdsService(
+            load_plugin(
+                name,
+                trusted_keys=trusted_keys,
+                allow_unsigned=allow_unsigned,
+                provider=provider,
+                variant=variant,
+                threads=threads,
+            ),
+            hook=hook,
+            min_probability=min_probability,
+        )
+        for name in plugin_names
+    ]
+    try:
+        server = make_server(services, host, port)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    base = "http://{}:{}/cds-services".format(*server.server_address[:2])
+    for s in services:
+        click.echo(f"CDS service {s.id} ({s.hook}): POST {base}/{s.id}", err=True)
+    click.echo(f"discovery: GET {base} — Ctrl-C stops", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print name → bundle path as JSON.")
 @_translate
 def plugins(as_json: bool) -> None:
