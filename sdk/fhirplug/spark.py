@@ -1,0 +1,157 @@
+"""Apache Spark: predict over a DataFrame of FHIR JSON (e.g. bulk-export NDJSON read with ``spark.read.text``).
+
+The work is a plain partition function, :func:`predict_rows`, so it runs (and is tested) without Spark; Spark only
+distributes it. Each executor process loads and verifies the plugin once (cached by path and options), reads the
+partition's FHIR as the runtime does, and predicts in chunks so batching and length bucketing apply. Output: one
+row per coded prediction, plus one row per input problem (``severity``/``diagnostics`` set, ``code`` null) — a
+bad record never stops the partition, and is reported next to the good ones.
+
+    from fhirplug.spark import predict_dataframe
+    notes = spark.read.text("DocumentReference.ndjson")          # column "value": one resource per line
+    codes = predict_dataframe(notes, "plugins/medical-abstracts-mesh/bundle", allow_unsigned=True)
+
+Needs the ``[spark]`` extra (pyspark) for :func:`predict_dataframe`; :func:`predict_rows` needs nothing more than
+the runtime.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from fhirplug.errors import MissingExtraError
+from fhirplug.fhir.outcome import Issue
+from fhirplug.plugin import Plugin, load_plugin
+from fhirplug.predictions import TextSource
+
+__all__ = ["OUTPUT_SCHEMA", "predict_dataframe", "predict_rows"]
+
+#: The output rows' Spark schema (DDL). ``key``: the input row's key column (or its index in the partition).
+OUTPUT_SCHEMA = (
+    "key string, reference string, element string, system string, code string, display string, "
+    "probability double, start int, end int, snippet string, severity string, issue_code string, diagnostics string"
+)
+_FIELDS = [part.strip().split(" ")[0] for part in OUTPUT_SCHEMA.split(",")]
+
+
+@functools.lru_cache(maxsize=4)
+def _plugin(
+    path: str, allow_unsigned: bool, trusted_keys: tuple[str, ...], variant: str, threads: int | None
+) -> Plugin:
+    return load_plugin(path, allow_unsigned=allow_unsigned, trusted_keys=trusted_keys, variant=variant, threads=threads)
+
+
+def predict_rows(
+    rows: Iterable[tuple[Any, str | bytes | None]],
+    plugin: str,
+    *,
+    allow_unsigned: bool = False,
+    trusted_keys: tuple[str, ...] = (),
+    variant: str = "auto",
+    threads: int | None = None,
+    chunk: int = 256,
+) -> Iterator[dict[str, Any]]:
+    """Predict ``(key, FHIR JSON)`` rows; yield one dict per prediction and one per input problem.
+
+    Args:
+        rows: the key (any string the caller joins back on) and the FHIR JSON text of one resource, Bundle or
+            NDJSON chunk; a None or empty text is reported as a problem.
+        plugin: a bundle path or an installed plugin's name (loaded once per process).
+        chunk: rows read before each model run (bigger: better batching, more memory).
+    """
+    from fhirplug.fhir.reader import read_fhir
+
+    loaded = _plugin(plugin, allow_unsigned, tuple(trusted_keys), variant, threads)
+    types = loaded.manifest.inputs.resource_types
+    pending: list[tuple[str, TextSource]] = []
+    problems: list[tuple[str, Issue]] = []
+
+    def flush() -> Iterator[dict[str, Any]]:
+        keys = {id(source): key for key, source in pending}
+        result = loaded._predict_read([s for _, s in pending], [], time.perf_counter())
+        for p in result.predictions:
+            yield _row(
+                key=keys.get(id(p.source), ""),
+                reference=p.evidence.reference,
+                element=p.evidence.element,
+                system=p.system,
+                code=p.code or None,
+                display=p.display,
+                probability=float(p.probability),
+                start=p.evidence.start,
+                end=p.evidence.end,
+                snippet=p.evidence.snippet,
+            )
+        for key, issue in problems:
+            yield _row(
+                key=key,
+                severity=issue.severity,
+                issue_code=issue.code,
+                diagnostics=issue.diagnostics,
+                element=", ".join(issue.expression) or None,
+            )
+        pending.clear()
+        problems.clear()
+
+    for index, (given, text) in enumerate(rows):
+        key = str(given) if given is not None else str(index)
+        if not text:
+            problems.append((key, Issue("error", "required", "the row holds no FHIR JSON")))
+        else:
+            read = read_fhir(text, resource_types=types, max_chars=loaded.max_chars, source_name=f"row {key}")
+            pending.extend((key, source) for source in read.sources)
+            problems.extend((key, issue) for issue in read.issues if issue.severity != "information")
+        if len(pending) + len(problems) >= chunk:
+            yield from flush()
+    if pending or problems:
+        yield from flush()
+
+
+def _row(**values: Any) -> dict[str, Any]:
+    return {name: values.get(name) for name in _FIELDS}
+
+
+def predict_dataframe(
+    df: Any,
+    plugin: str,
+    *,
+    text_column: str = "value",
+    key_column: str | None = None,
+    allow_unsigned: bool = False,
+    trusted_keys: tuple[str, ...] = (),
+    variant: str = "auto",
+    threads: int | None = 1,
+    chunk: int = 256,
+) -> Any:
+    """A DataFrame of predictions (schema :data:`OUTPUT_SCHEMA`) for ``df[text_column]``'s FHIR JSON.
+
+    ``threads`` defaults to 1: Spark already runs one task per core. ``key_column`` (default: none, the row's
+    index within its partition) is copied to ``key`` so results join back to the input.
+
+    Raises:
+        MissingExtraError: pyspark is not installed.
+    """
+    try:
+        from pyspark.sql import DataFrame
+    except ImportError as exc:
+        raise MissingExtraError("spark", "fhirplug.spark.predict_dataframe") from exc
+    assert isinstance(df, DataFrame)
+    columns = [key_column, text_column] if key_column else [text_column]
+
+    def partition(rows: Iterable[Any]) -> Iterator[tuple[Any, ...]]:
+        pairs = ((r[0], r[1]) if key_column else (None, r[0]) for r in rows)
+        outputs = predict_rows(
+            pairs,
+            plugin,
+            allow_unsigned=allow_unsigned,
+            trusted_keys=tuple(trusted_keys),
+            variant=variant,
+            threads=threads,
+            chunk=chunk,
+        )
+        for out in outputs:
+            yield tuple(out[name] for name in _FIELDS)
+
+    return df.sparkSession.createDataFrame(df.select(*columns).rdd.mapPartitions(partition), OUTPUT_SCHEMA)
