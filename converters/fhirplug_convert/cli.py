@@ -6,7 +6,7 @@ import json
 
 import click
 
-from fhirplug.errors import FhirplugError
+from fhirplug.errors import FhirplugError, MissingExtraError
 
 __all__ = ["convert"]
 
@@ -53,7 +53,10 @@ def convert(
     quiet: bool,
 ) -> None:
     """Fine-tune, export, quantize, parity-check and package a plugin from RECIPE (TOML or YAML)."""
-    from fhirplug_convert.pipeline import convert as run
+    try:
+        from fhirplug_convert.pipeline import convert as run
+    except ImportError as exc:  # torch, transformers, onnx …: the [train] extra is not installed
+        raise _ConvertFailed(MissingExtraError("train", "fhirplug convert")) from exc
 
     try:
         result = run(

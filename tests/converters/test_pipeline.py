@@ -321,3 +321,19 @@ def test_cli_errors_are_one_line_with_exit_code_7(tmp_path: Path) -> None:
     assert result.output.count("\n") == 1
     assert "unknown key 'training.learning_rte' (did you mean 'learning_rate'?)" in result.output
     assert "Traceback" not in result.output
+
+
+def test_convert_without_the_train_extra_names_the_install_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a runtime-only install: torch cannot be imported. One line, exit 6, no traceback."""
+    import sys
+
+    from fhirplug.cli import main
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    for module in [m for m in sys.modules if m == "fhirplug_convert" or m.startswith("fhirplug_convert.")]:
+        monkeypatch.delitem(sys.modules, module)  # imported afresh, as in a new process
+    result = CliRunner().invoke(main, ["convert", "recipe.toml", "--out", "x"])
+    assert result.exit_code == 6
+    assert "needs the [train] extra" in result.output and "pip install -c constraints.txt" in result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
