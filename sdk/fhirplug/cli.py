@@ -484,6 +484,11 @@ def bench(
 
     batches = _sizes(batch, "--batch") or [1]
     token_list = _sizes(tokens, "--tokens")
+    if plot_out:  # fail before minutes of measuring, not after
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise FhirplugClickError(MissingExtraError("bench", "fhirplug bench --plot"))
     if corpus is not None and not Path(corpus).is_file():
         raise FhirplugClickError(FhirplugError(f"{corpus}: the corpus file does not exist or is not a file"))
     if token_list is None and corpus is None:

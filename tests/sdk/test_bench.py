@@ -140,3 +140,19 @@ def test_bench_plot(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_plot_without_matplotlib_fails_before_measuring(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import importlib.util
+
+    import fhirplug._bench
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+
+    def measured(*args: object, **kwargs: object) -> None:
+        raise AssertionError("measured before checking the plot dependency")
+
+    monkeypatch.setattr(fhirplug._bench, "run_bench", measured)
+    result = CliRunner().invoke(main, ["bench", TINY, "--plot", str(tmp_path / "b.png")])
+    assert result.exit_code == 6 and "needs the [bench] extra" in result.output
