@@ -87,7 +87,7 @@ def _entity_table(test: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _metrics_table(metrics: dict[str, Any]) -> list[str]:
+def _metrics_table(metrics: dict[str, Any], codes: dict[str, str] | None = None) -> list[str]:
     test = metrics.get("test", {})
     precisions = list(test)
     if not precisions:
@@ -111,14 +111,14 @@ def _metrics_table(metrics: dict[str, Any]) -> list[str]:
             "",
             f"Per code ({precisions[0]}):",
             "",
-            "| label | precision | recall | F1 | support |" + (" AUROC |" if auroc else ""),
-            "|---|---|---|---|---|" + ("---|" if auroc else ""),
+            "| label | code | precision | recall | F1 | support |" + (" AUROC |" if auroc else ""),
+            "|---|---|---|---|---|---|" + ("---|" if auroc else ""),
         ]
         for label, row in per_label.items():
             cells = [_fmt(row[k]) for k in ("precision", "recall", "f1", "support")]
             if auroc:
                 cells.append(_fmt(row.get("auroc")))
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label} | {(codes or {}).get(label, '')} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -207,7 +207,7 @@ def render_model_card(recipe: Recipe, content: BundleContent, fused: Mapping[str
         "",
         "## Metrics (held-out test split)",
         "",
-        *_metrics_table(content.metrics),
+        *_metrics_table(content.metrics, {e.label: f"{e.code} {e.display}" for e in recipe.labels}),
         "",
         "## Calibration",
         "",
