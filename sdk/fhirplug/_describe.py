@@ -59,6 +59,20 @@ def describe_bundle(name_or_path: str, *, as_json: bool = False) -> str:
     headline = {k: v for k, v in m.metrics.items() if isinstance(v, int | float)}
     if headline:
         lines.append("  metrics:      " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(headline.items())))
+    test = m.metrics.get("test")
+    if isinstance(test, dict):  # converter bundles: held-out test metrics per variant
+        for precision, values in test.items():
+            if not isinstance(values, dict):
+                continue
+            flat = {k: v for k, v in values.items() if isinstance(v, int | float) and k not in ("n", "n_texts")}
+            for level in ("mentions", "concepts"):  # token-classification: F1 per entity type
+                for kind, scores in (values.get(level) or {}).items():
+                    if isinstance(scores, dict) and isinstance(scores.get("f1"), int | float):
+                        flat[f"{level[:-1]} F1 {kind}"] = scores["f1"]
+            if flat:
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in flat.items())
+                n = values.get("n", values.get("n_texts"))
+                lines.append(f"  test {precision:<8} {shown}" + (f" (n={n})" if n is not None else ""))
     return "\n".join(lines)
 
 

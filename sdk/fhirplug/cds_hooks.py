@@ -25,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from fhirplug.fhir.outcome import Issue, operation_outcome
+from fhirplug.fhir.writer import build_resources
 from fhirplug.plugin import Plugin, PredictionResult
 
 __all__ = ["CdsService", "make_server", "serve_cards", "serve_in_thread"]
@@ -113,7 +114,17 @@ def serve_cards(plugin: Plugin, results: Sequence[PredictionResult], min_probabi
                 "source": source,
             }
         )
-    resources = [r for res in results for r in res.resources()]
+    # The suggestion records what the cards show: predictions under min_probability are left out of both.
+    resources = [
+        r
+        for res in results
+        for r in build_resources(
+            [p for p in res.predictions if p.probability >= min_probability],
+            res.sources,
+            res.model,
+            recorded=res.recorded,
+        )
+    ]
     if resources:
         outputs = [r for r in resources if r["resourceType"] not in ("Device", "Provenance")]
         cards.append(

@@ -248,7 +248,8 @@ def predict(
     type=click.FloatRange(0, 1),
     default=0.0,
     show_default=True,
-    help="Leave predictions below this probability off the cards (the plugin's thresholds apply first).",
+    help="Leave predictions below this probability off the cards and out of the record suggestion "
+    "(the plugin's thresholds apply first).",
 )
 @_load_options
 @_translate

@@ -76,6 +76,8 @@ class PluginNotFoundError(FhirplugError):
 class TaskError(FhirplugError):
     """An unknown task name, or a task implementation that breaks the task contract."""
 
+    exit_code = 3  # the plugin cannot be used, like an invalid bundle
+
 
 class ProviderError(FhirplugError):
     """The requested execution provider or model variant is not available."""

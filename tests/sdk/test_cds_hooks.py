@@ -112,3 +112,11 @@ def test_serve_refuses_a_port_in_use_in_one_line(tiny_plugin: Any) -> None:
         assert "Traceback" not in result.output
     finally:
         server.server_close()
+
+
+def test_min_probability_filters_the_cards_and_the_suggestion_alike(tiny_plugin: Any) -> None:
+    request = json.loads(_hook({"documentReference": document_reference(DIABETES)}))
+    everything = CdsService(tiny_plugin).respond(request)[1]["cards"]
+    p = float(everything[0]["summary"].rsplit("p = ", 1)[1])
+    status, body = CdsService(tiny_plugin, min_probability=min(1.0, p + 0.01)).respond(request)
+    assert status == 200 and body["cards"] == []  # nothing shown, nothing recorded
