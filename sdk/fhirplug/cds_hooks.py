@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
@@ -74,32 +73,19 @@ class CdsService:
                 f"no prefetch: send one or more of {sorted(self.prefetch)} (this service does not query FHIR servers)",
                 "prefetch",
             )
-        from fhirplug.fhir.reader import read_fhir
-
-        sources, issues = [], []
-        for key, value in prefetch.items():
-            if not value:  # a null prefetch value means "nothing found": not an error
-                continue
-            read = read_fhir(
-                value,
-                resource_types=self.plugin.manifest.inputs.resource_types,
-                max_chars=self.plugin.max_chars,
-                source_name=f"prefetch.{key}",
-            )
-            sources.extend(read.sources)
-            issues.extend(read.issues)
         # One run over every prefetched text: one Device and one Provenance for the whole response.
-        results = [self.plugin._predict_read(sources, issues, time.perf_counter())]
-        return HTTPStatus.OK, serve_cards(self.plugin, results, self.min_probability)
+        # A null prefetch value means "nothing found": not an error.
+        result = self.plugin.predict_many((f"prefetch.{key}", value) for key, value in prefetch.items() if value)
+        return HTTPStatus.OK, serve_cards(self.plugin, result, self.min_probability)
 
 
-def serve_cards(plugin: Plugin, results: Sequence[PredictionResult], min_probability: float = 0.0) -> dict[str, Any]:
-    """CDS Hooks cards for the predictions of ``results`` (one ``predict`` per prefetch value)."""
+def serve_cards(plugin: Plugin, result: PredictionResult, min_probability: float = 0.0) -> dict[str, Any]:
+    """CDS Hooks cards for the predictions of one run (``min_probability`` filters cards and suggestion alike)."""
     manifest = plugin.manifest
     source = {"label": f"fhirplug {manifest.name} {manifest.version} ({plugin.variant}, AI-generated)"}
     cards: list[dict[str, Any]] = []
-    predictions = [p for r in results for p in r.predictions if p.code and p.probability >= min_probability]
-    for p in predictions:
+    shown = [p for p in result.predictions if p.probability >= min_probability]
+    for p in (p for p in shown if p.code):  # uncoded mentions get no card (and no resource, below)
         snippet = " ".join(p.evidence.snippet.split())
         cards.append(
             {
@@ -114,17 +100,8 @@ def serve_cards(plugin: Plugin, results: Sequence[PredictionResult], min_probabi
                 "source": source,
             }
         )
-    # The suggestion records what the cards show: predictions under min_probability are left out of both.
-    resources = [
-        r
-        for res in results
-        for r in build_resources(
-            [p for p in res.predictions if p.probability >= min_probability],
-            res.sources,
-            res.model,
-            recorded=res.recorded,
-        )
-    ]
+    # The suggestion records what the cards show.
+    resources = build_resources(shown, result.sources, result.model, recorded=result.recorded)
     if resources:
         outputs = [r for r in resources if r["resourceType"] not in ("Device", "Provenance")]
         cards.append(
@@ -146,8 +123,7 @@ def serve_cards(plugin: Plugin, results: Sequence[PredictionResult], min_probabi
                 ],
             }
         )
-    issues = [i for r in results for i in r.issues]
-    for issue in issues:
+    for issue in result.issues:
         cards.append(
             {
                 "uuid": str(uuid.uuid4()),
@@ -158,8 +134,8 @@ def serve_cards(plugin: Plugin, results: Sequence[PredictionResult], min_probabi
             }
         )
     body: dict[str, Any] = {"cards": cards}
-    if issues:
-        body["extension"] = {"fhirplug-outcome": operation_outcome(issues)}
+    if result.issues:
+        body["extension"] = {"fhirplug-outcome": result.outcome()}
     return body
 
 

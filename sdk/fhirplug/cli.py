@@ -191,8 +191,7 @@ def predict(
     resource is still predicted and written.
     """
     from fhirplug.fhir.outcome import Issue
-    from fhirplug.fhir.reader import read_fhir
-    from fhirplug.plugin import DEFAULT_MAX_CHARS, PredictionResult, load_plugin
+    from fhirplug.plugin import DEFAULT_MAX_CHARS, load_plugin
 
     loaded = load_plugin(
         plugin,
@@ -203,17 +202,7 @@ def predict(
         threads=threads,
         max_chars=max_chars or DEFAULT_MAX_CHARS,
     )
-    sources, issues = [], []
-    for name, raw in _read_inputs(inputs):
-        read = read_fhir(
-            raw,
-            resource_types=loaded.manifest.inputs.resource_types,
-            max_chars=loaded.max_chars,
-            source_name=name,
-        )
-        sources.extend(read.sources)
-        issues.extend(read.issues)
-    result: PredictionResult = loaded._predict_read(sources, issues, 0.0)
+    result = loaded.predict_many(_read_inputs(inputs))
     if fmt == "ndjson":
         text = result.to_ndjson()
     else:

@@ -20,7 +20,7 @@ import numpy as np
 from fhirplug.bundle import VerifiedBundle, verify_bundle
 from fhirplug.errors import PluginError, TaskError
 from fhirplug.fhir.outcome import Issue, operation_outcome
-from fhirplug.fhir.reader import read_fhir
+from fhirplug.fhir.reader import FhirInput, read_fhir
 from fhirplug.fhir.writer import ModelInfo, build_resources, to_bundle, to_ndjson
 from fhirplug.manifest import Manifest
 from fhirplug.predictions import Prediction, TextSource
@@ -181,6 +181,23 @@ class Plugin:
             source_name=source_name,
         )
         return self._predict_read(read.sources, list(read.issues), started)
+
+    def predict_many(self, inputs: Iterable[tuple[str, FhirInput]]) -> PredictionResult:
+        """Read several named FHIR inputs (``(name, data)``: data as :meth:`predict` takes it) and predict them as
+        one run: one Device and one Provenance for all; each input's issues are named by its name."""
+        started = time.perf_counter()
+        sources: list[TextSource] = []
+        issues: list[Issue] = []
+        for name, data in inputs:
+            read = read_fhir(
+                data,
+                resource_types=self.manifest.inputs.resource_types,
+                max_chars=self.max_chars,
+                source_name=name,
+            )
+            sources.extend(read.sources)
+            issues.extend(read.issues)
+        return self._predict_read(sources, issues, started)
 
     def predict_files(self, paths: Iterable[str | os.PathLike[str]]) -> PredictionResult:
         """Read and predict several FHIR files (JSON or NDJSON) as one run with one Provenance."""

@@ -17,7 +17,6 @@ the runtime.
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -70,8 +69,7 @@ def predict_rows(
 
     def flush() -> Iterator[dict[str, Any]]:
         keys = {id(source): key for key, source in pending}
-        result = loaded._predict_read([s for _, s in pending], [], time.perf_counter())
-        for p in result.predictions:
+        for p in loaded.predict_sources([s for _, s in pending]):
             yield _row(
                 key=keys.get(id(p.source), ""),
                 reference=p.evidence.reference,

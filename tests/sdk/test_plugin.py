@@ -135,3 +135,18 @@ def test_label_count_mismatch_fails_at_load(tiny_bundle: Path) -> None:
 def test_unknown_plugin_name() -> None:
     with pytest.raises(PluginNotFoundError, match="no such bundle directory"):
         load_plugin("no-such-plugin-anywhere", allow_unsigned=True)
+
+
+def test_predict_many_is_one_run_with_issues_named_by_input(tiny_plugin) -> None:
+    text = "Follow up visit. Type 2 diabetes, elevated HbA1c on metformin."
+    result = tiny_plugin.predict_many(
+        [
+            ("first.json", document_reference(text, id_="a")),
+            ("second.json", b"{broken"),
+            ("third.json", document_reference(text, id_="c")),
+        ]
+    )
+    assert [p.evidence.reference for p in result.predictions] == ["DocumentReference/a", "DocumentReference/c"]
+    assert [(i.source, i.code) for i in result.issues] == [("second.json", "structure")]
+    kinds = [r["resourceType"] for r in result.resources()]
+    assert kinds.count("Provenance") == 1 and kinds.count("Device") == 1
