@@ -120,7 +120,12 @@ class Lexicon:
     @classmethod
     def load(cls, path: str | Path) -> Lexicon:
         path = Path(path)
-        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")), str(path))
+        return cls.from_bytes(path.read_bytes(), str(path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "inline") -> Lexicon:
+        """Parse a lexicon JSON file's bytes (a verified bundle's ``assertion.json``)."""
+        return cls.from_dict(json.loads(data.decode("utf-8")), source)
 
     @classmethod
     def default(cls) -> Lexicon:

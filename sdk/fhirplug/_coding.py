@@ -18,6 +18,7 @@ threshold abstains instead of guessing. Where two concepts share a name, the one
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import unicodedata
@@ -122,8 +123,13 @@ class ConceptIndex:
 
     @classmethod
     def load(cls, concepts_path: Path, vectors_path: Path, threshold: float) -> ConceptIndex:
-        concepts = json.loads(concepts_path.read_text(encoding="utf-8"))
-        with np.load(vectors_path, allow_pickle=False) as arrays:
+        return cls.from_bytes(concepts_path.read_bytes(), vectors_path.read_bytes(), threshold)
+
+    @classmethod
+    def from_bytes(cls, concepts_json: bytes, vectors_npz: bytes, threshold: float) -> ConceptIndex:
+        """Build the index from the bytes of ``concepts.json`` and ``concept_vectors.npz`` (a verified bundle's)."""
+        concepts = json.loads(concepts_json.decode("utf-8"))
+        with np.load(io.BytesIO(vectors_npz), allow_pickle=False) as arrays:
             vectors = {k: arrays[k] for k in arrays.files}
         return cls(concepts, vectors, threshold)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,23 @@ class VerifiedBundle:
     manifest_sha256: str
     #: Key id of the trusted key that signed it, or None for an unsigned bundle.
     signed_by: str | None
+    #: The bytes of every declared file, read once and hashed: the runtime builds the model, the tokenizer and
+    #: every task file from these bytes, so nothing is re-read from disk after it was checked.
+    contents: Mapping[str, bytes] = field(default_factory=dict, repr=False)
+
+    def read(self, name: str) -> bytes:
+        """The verified bytes of the declared file ``name``.
+
+        Raises:
+            IntegrityError: ``name`` is not a file the manifest declares.
+        """
+        try:
+            return self.contents[name]
+        except KeyError:
+            raise IntegrityError(
+                f"{self.path}: {name!r} is not a file of this bundle's manifest; "
+                f"declared: {', '.join(sorted(self.contents))}"
+            ) from None
 
 
 def _declared(manifest: Manifest) -> dict[str, str]:
@@ -122,8 +139,11 @@ def verify_bundle(
             f"{root}: file(s) not declared in the manifest: {', '.join(extra)}; "
             "a bundle holds exactly the files its manifest hashes"
         )
+    contents: dict[str, bytes] = {}
     for name, expected in sorted(declared.items()):
-        actual = sha256_file(root / name)
+        data = (root / name).read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
+        contents[name] = data
         if actual != expected:
             raise IntegrityError(
                 f"{root / name}: sha256 is {actual}, the manifest says {expected}; the file was changed "
@@ -141,7 +161,7 @@ def verify_bundle(
             f"{root}: the bundle is unsigned (no {SIGNATURE_FILE}); load it only if you trust its source, "
             "with allow_unsigned=True (CLI: --allow-unsigned)"
         )
-    return VerifiedBundle(root, manifest, hashlib.sha256(raw).hexdigest(), signed_by)
+    return VerifiedBundle(root, manifest, hashlib.sha256(raw).hexdigest(), signed_by, contents)
 
 
 def write_manifest(

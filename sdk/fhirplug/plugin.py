@@ -100,18 +100,19 @@ class Plugin:
         self.max_chars = max_chars
         self.task = get_task(manifest.task)(manifest)
         try:
-            self.task.load_files(bundle.path)
+            self.task.load_files(bundle)
         except TaskError as exc:
             raise PluginError(f"{bundle.path}: {exc}") from exc
         choice = choose_variant(manifest, provider, variant)
         self.session = ModelSession(
-            bundle.path / choice.variant.file,
-            bundle.path / manifest.tokenizer.file,
+            bundle.read(choice.variant.file),
+            bundle.read(manifest.tokenizer.file),
             choice.variant,
             manifest.tokenizer,
             choice.providers,
             threads=threads,
             batch_size=batch_size,
+            where=bundle.path / choice.variant.file,
         )
         outputs = {o.name: o.shape for o in self.session.session.get_outputs()}
         output_name = choice.variant.output_names[0]

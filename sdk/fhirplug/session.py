@@ -55,8 +55,8 @@ class ModelSession:
     """An onnxruntime session plus the tokenizer that feeds it.
 
     Args:
-        model_path: the ONNX file.
-        tokenizer_path: a Hugging Face ``tokenizer.json``.
+        model: the ONNX model: its bytes (a verified bundle's, so nothing is re-read after it was hashed) or a path.
+        tokenizer_json: a Hugging Face ``tokenizer.json``: its bytes or a path.
         variant: the manifest's variant entry (input and output names).
         tokenizer: the manifest's tokenizer entry (window size and stride).
         providers: onnxruntime providers, best first.
@@ -66,23 +66,27 @@ class ModelSession:
 
     def __init__(
         self,
-        model_path: Path,
-        tokenizer_path: Path,
+        model: bytes | Path,
+        tokenizer_json: bytes | Path,
         variant: VariantSpec,
         tokenizer: TokenizerSpec,
         providers: Sequence[str],
         threads: int | None = None,
         batch_size: int = 16,
+        where: str | Path | None = None,
     ) -> None:
+        model_name = str(where or (model if isinstance(model, Path) else "model"))
+        tokenizer_name = str(tokenizer_json) if isinstance(tokenizer_json, Path) else f"{model_name}: tokenizer.json"
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         self.variant = variant
         self.batch_size = batch_size
         self.max_tokens = tokenizer.max_tokens
         try:
-            self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+            raw = tokenizer_json.read_bytes() if isinstance(tokenizer_json, Path) else tokenizer_json
+            self.tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
         except Exception as exc:  # tokenizers raises a bare Exception for a bad file
-            raise PluginError(f"{tokenizer_path}: not a usable tokenizer.json ({exc})") from exc
+            raise PluginError(f"{tokenizer_name}: not a usable tokenizer.json ({exc})") from exc
         # The bundle's tokenizer may carry fixed padding/truncation: windows are ours to make.
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=tokenizer.max_tokens, stride=tokenizer.stride)
@@ -93,14 +97,15 @@ class ModelSession:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(model_path), options, providers=list(providers))
+            source = str(model) if isinstance(model, Path) else model
+            self.session = ort.InferenceSession(source, options, providers=list(providers))
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types and RuntimeError
-            raise ProviderError(f"{model_path}: onnxruntime could not load the model ({exc})") from exc
+            raise ProviderError(f"{model_name}: onnxruntime could not load the model ({exc})") from exc
         names = {i.name for i in self.session.get_inputs()}
         missing = [n for n in variant.input_names if n not in names]
         if missing:
             raise PluginError(
-                f"{model_path}: the manifest names input(s) {missing} the model lacks; model inputs: {sorted(names)}"
+                f"{model_name}: the manifest names input(s) {missing} the model lacks; model inputs: {sorted(names)}"
             )
         self.input_names = [n for n in variant.input_names if n in names]
         self.provider = self.session.get_providers()[0]

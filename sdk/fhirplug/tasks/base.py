@@ -7,14 +7,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from fhirplug.manifest import Manifest
 from fhirplug.predictions import Prediction, TextSource
 from fhirplug.session import Window
+
+if TYPE_CHECKING:
+    from fhirplug.bundle import VerifiedBundle
 
 __all__ = ["Task"]
 
@@ -32,8 +34,12 @@ class Task(ABC):
     def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
 
-    def load_files(self, path: Path) -> None:  # noqa: B027 - optional hook
-        """Read task files from the verified bundle at ``path`` (called at load; raise ``TaskError``). Default: none."""
+    def load_files(self, bundle: VerifiedBundle) -> None:  # noqa: B027 - optional hook
+        """Read task files from the verified bundle (called at load; raise ``TaskError``). Default: none.
+
+        Read them with ``bundle.read(name)``: those are the bytes whose sha256 was checked; never re-open a file
+        by path, which another process may have changed since.
+        """
 
     def check_model(self, output_shape: Sequence[int | str | None]) -> None:  # noqa: B027 - optional hook
         """Check the model's output shape against the manifest (called at load). Default: accept."""

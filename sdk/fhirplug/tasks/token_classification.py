@@ -25,7 +25,7 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from fhirplug.manifest import EntitiesSpec, Manifest
 from fhirplug.predictions import SNIPPET_CHARS, Entity, Evidence, Prediction, TextSource
 from fhirplug.session import Window
 from fhirplug.tasks.base import Task
+
+if TYPE_CHECKING:
+    from fhirplug.bundle import VerifiedBundle
 
 __all__ = ["Span", "TokenClassification", "decode_spans", "drop_cues", "merge_windows", "tag_names"]
 
@@ -173,14 +176,19 @@ class TokenClassification(Task):
         #: The assertion lexicon in use; replace it to change the triggers.
         self.lexicon: Lexicon = Lexicon.default()
 
-    def load_files(self, path: Path) -> None:
+    def load_files(self, bundle: VerifiedBundle) -> None:
         entities = self.entities
+        path = bundle.path
         try:
-            self.index = ConceptIndex.load(path / entities.concepts, path / entities.vectors, entities.coding_threshold)
+            self.index = ConceptIndex.from_bytes(
+                bundle.read(entities.concepts), bundle.read(entities.vectors), entities.coding_threshold
+            )
         except (OSError, ValueError, KeyError) as exc:
             raise TaskError(f"{path}: the terminology files cannot be read ({exc})") from exc
         try:
-            self.lexicon = Lexicon.load(path / entities.assertion_lexicon)
+            self.lexicon = Lexicon.from_bytes(
+                bundle.read(entities.assertion_lexicon), str(path / entities.assertion_lexicon)
+            )
         except (OSError, ValueError) as exc:
             raise TaskError(f"{path / entities.assertion_lexicon}: not a usable assertion lexicon ({exc})") from exc
 
