@@ -27,6 +27,7 @@ from fhirplug.errors import (
     ProviderError,
     SignatureError,
     TaskError,
+    UsageError,
 )
 
 __version__ = "0.1.0"
@@ -66,6 +67,7 @@ __all__ = [
     "ProviderError",
     "SignatureError",
     "TaskError",
+    "UsageError",
     "TextSource",
     "__version__",
     "available_providers",

@@ -11,6 +11,7 @@ FhirplugError                     base of everything fhirplug raises on purpose
 ├── ProviderError                 asked for an execution provider or variant that is not available
 ├── InputError                    FHIR input that cannot be used; carries OperationOutcome issues
 ├── MissingExtraError             an optional extra (train, gpu, bench) is not installed
+├── UsageError (also ValueError)  a public function called with an argument it cannot take (misuse, not input)
 └── ConvertError                  train side: bad recipe, bad data, failed parity gate
 ```
 
@@ -39,6 +40,7 @@ __all__ = [
     "ProviderError",
     "SignatureError",
     "TaskError",
+    "UsageError",
 ]
 
 
@@ -97,6 +99,15 @@ class MissingExtraError(FhirplugError):
             f"{purpose} needs the [{extra}] extra, which is not installed. "
             f"Install it with: pip install -c constraints.txt -e '.[{extra}]'{more}"
         )
+
+
+class UsageError(FhirplugError, ValueError):
+    """A public function was called with an argument it cannot take (a programming error, not bad input).
+
+    Also a ``ValueError``, so code written against the standard library's convention keeps working.
+    """
+
+    exit_code = 2  # the CLI's usage status
 
 
 class ConvertError(FhirplugError):

@@ -22,6 +22,7 @@ def test_public_api_is_pinned() -> None:
         "ProviderError",
         "SignatureError",
         "TaskError",
+        "UsageError",
         "TextSource",
         "__version__",
         "available_providers",
