@@ -2,16 +2,28 @@
 
 Bundles of any type are opened, nested ones too; the Bundles themselves are containers and are not yielded.
 Every problem is appended to the caller's issue list; nothing here raises for bad data.
+
+JSON is parsed by :mod:`fhirplug.fhir._json`, which marks what FHIR JSON forbids (repeated names, numbers FHIR
+cannot hold, nesting beyond ``MAX_DEPTH``) instead of refusing the document; the walker reports each mark for
+the resource holding it and skips that resource alone. Marks are looked for in the resources of the types the
+caller checks (``check``; all types when None): a Claim a plugin never reads is not worth a scan.
+
+NDJSON is told from a broken JSON document line by line: two or more non-blank lines, every one starting with
+``{`` and at least one a complete JSON object by itself. A pretty-printed document fails that (its second line
+is a name, not ``{``), so a broken one stays one "not valid JSON" error; in NDJSON each broken line is its own
+error named ``source:line``, however many lines are broken.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fhirplug.fhir._json import MAX_DEPTH, Marked, is_text, loads, problems
 from fhirplug.fhir.outcome import Issue, Severity
 
 __all__ = ["Found", "Walk"]
@@ -30,6 +42,12 @@ class Found:
     source: str
     #: False only for a lone top-level resource; True inside a Bundle, a JSON array or NDJSON.
     in_collection: bool
+    #: Nesting depth of the resource in its document (1 at the top), for the depth limit of what it contains.
+    depth: int = 1
+
+
+# A FHIR resource type name (http://hl7.org/fhir/R4/resource.html): letters only, capital first.
+_RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
 
 
 def _kind(value: Any) -> str:
@@ -41,12 +59,23 @@ def _kind(value: Any) -> str:
 
 
 class Walk:
-    """One pass over one input. ``containers`` counts the Bundles, arrays and NDJSON files opened."""
+    """One pass over one input. ``containers`` counts the Bundles, arrays and NDJSON files opened.
 
-    def __init__(self, source_name: str, issues: list[Issue]) -> None:
+    Args:
+        source_name: how issues name the input.
+        issues: where every problem goes.
+        check: resource types whose content is examined for parse marks and depth (None: every type).
+    """
+
+    def __init__(self, source_name: str, issues: list[Issue], check: Collection[str] | None = None) -> None:
         self.source_name = source_name
         self.issues = issues
+        self.check = check
         self.containers = 0
+        #: Resources of unsent transaction/batch Bundles (entries POSTed under a ``urn:uuid:`` fullUrl), by
+        #: fullUrl: the writer copies those an output references into an output transaction, so one POST stores
+        #: the notes, their subject and the predictions together (see fhirplug.fhir.writer).
+        self.unsent: dict[str, dict[str, Any]] = {}
 
     def _issue(self, severity: Severity, code: str, text: str, expression: str | None, source: str) -> None:
         self.issues.append(Issue(severity, code, text, (expression,) if expression else (), source))
@@ -54,7 +83,7 @@ class Walk:
     def run(self, data: bytes | str | Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> Iterator[Found]:
         """Yield every resource in ``data``."""
         if isinstance(data, Mapping):
-            yield from self._value(data, None, self.source_name, False, None)
+            yield from self._value(data, None, self.source_name, False, None, 1)
         elif isinstance(data, bytes | bytearray | memoryview):
             yield from self._bytes(bytes(data))
         elif isinstance(data, str):
@@ -85,53 +114,100 @@ class Walk:
             self._issue("error", "structure", "the input is empty", None, self.source_name)
             return
         try:
-            value = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            # NDJSON is many JSON documents, one a line: a parse error after the first line is expected then.
-            lines = text.split("\n")
-            parsed: list[tuple[int, Any]] = []
-            bad: list[tuple[int, str]] = []
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    parsed.append((number, json.loads(line)))
-                except (ValueError, RecursionError) as line_exc:
-                    bad.append((number, str(line_exc)))
-            good = sum(isinstance(v, Mapping) for _, v in parsed)
-            # Half the lines or more being objects tells NDJSON from a broken pretty-printed document, whose
-            # lines ("{", '"id": "x",') almost never parse on their own.
-            if len(parsed) + len(bad) >= 2 and 2 * good >= len(parsed) + len(bad):
-                yield from self._ndjson(parsed, bad)
+            value = loads(text)
+        except ValueError as exc:
+            lines = self._ndjson_lines(text)
+            if lines is None:
+                self._issue(
+                    "error", "structure", f"the input is not valid JSON or NDJSON: {exc}", None, self.source_name
+                )
                 return
-            self._issue("error", "structure", f"the input is not valid JSON or NDJSON: {exc}", None, self.source_name)
+            yield from self._ndjson(lines)
             return
         if isinstance(value, list):
             yield from self._array(value)
         else:
-            yield from self._value(value, None, self.source_name, False, None)
+            yield from self._value(value, None, self.source_name, False, None, 1)
 
-    def _ndjson(self, parsed: list[tuple[int, Any]], bad: list[tuple[int, str]]) -> Iterator[Found]:
+    @staticmethod
+    def _ndjson_lines(text: str) -> list[tuple[int, Any, str | None]] | None:
+        """``(line number, value, error)`` per non-blank line when ``text`` is NDJSON, else None.
+
+        Called only when ``text`` is not one JSON document. It is NDJSON when it has two or more non-blank lines
+        and either every line starts with ``{`` and one of them parses, or two or more lines each parse alone to
+        a FHIR resource (an object with a resourceType): then a stray ``null``, ``42`` or ``oops`` line is one
+        bad line, not a reason to drop the good ones. A broken pretty-printed document fails both tests (its
+        lines — ``{``, ``"id": "x",`` — do not parse alone), so it stays one "not valid JSON" error.
+        """
+        numbered = [(n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+        if len(numbered) < 2:
+            return None
+        lines: list[tuple[int, Any, str | None]] = []
+        for number, line in numbered:
+            try:
+                lines.append((number, loads(line), None))
+            except json.JSONDecodeError as exc:
+                lines.append((number, None, f"{exc.msg} at column {exc.colno}"))
+            except ValueError as exc:
+                lines.append((number, None, str(exc)))
+        parsed = [value for _, value, error in lines if error is None]
+        if all(line.lstrip().startswith("{") for _, line in numbered) and parsed:
+            return lines
+        resources = sum(isinstance(v, Mapping) and isinstance(v.get("resourceType"), str) for v in parsed)
+        return lines if resources >= 2 else None
+
+    def _ndjson(self, lines: list[tuple[int, Any, str | None]]) -> Iterator[Found]:
         self.containers += 1
-        for number, error in bad:
-            self._issue(
-                "error",
-                "structure",
-                f"line {number} is not valid JSON: {error}",
-                None,
-                f"{self.source_name}:{number}",
-            )
-        for number, value in parsed:
-            yield from self._value(value, None, f"{self.source_name}:{number}", True, None)
+        for number, _, error in lines:
+            if error is not None:
+                self._issue(
+                    "error",
+                    "structure",
+                    f"line {number} is not valid JSON: {error}; the other lines were read",
+                    None,
+                    f"{self.source_name}:{number}",
+                )
+        for number, value, error in lines:
+            if error is None:
+                yield from self._value(value, None, f"{self.source_name}:{number}", True, None, 1)
 
     def _array(self, items: Sequence[Any]) -> Iterator[Found]:
         self.containers += 1
         for i, item in enumerate(items):
-            yield from self._value(item, None, f"{self.source_name}[{i}]", True, None)
+            yield from self._value(item, None, f"{self.source_name}[{i}]", True, None, 2)
+
+    def _marks(self, value: Any, path: str, source: str, depth: int, deep: bool) -> bool:
+        """Report the parse marks on ``value`` itself (all of them under it when ``deep``); True if any."""
+        if deep:
+            found = problems(value, path, depth)
+        elif isinstance(value, Marked):
+            found = [(path + suffix, code, why) for suffix, code, why in value.marks]
+        else:
+            return False
+        for where, code, why in found:
+            self._issue("error", code, f"{why}; the resource was not read", where, source)
+        return bool(found)
 
     def _value(
-        self, value: Any, path: str | None, source: str, in_collection: bool, full_url: str | None
+        self,
+        value: Any,
+        path: str | None,
+        source: str,
+        in_collection: bool,
+        full_url: str | None,
+        depth: int,
+        container: Found | None = None,
     ) -> Iterator[Found]:
+        if depth > MAX_DEPTH:
+            # Checked before anything else: the walk itself recurses once per nested Bundle.
+            self._issue(
+                "error",
+                "structure",
+                f"the resource is nested more than {MAX_DEPTH} levels deep (Bundles within Bundles); not read",
+                path,
+                source,
+            )
+            return
         if not isinstance(value, Mapping):
             self._issue(
                 "error",
@@ -143,22 +219,56 @@ class Walk:
             return
         rt = value.get("resourceType")
         if not isinstance(rt, str) or not rt:
-            self._issue("error", "required", "the resource has no resourceType", path, source)
+            if not self._marks(value, path or "", source, depth, False):
+                self._issue("error", "required", "the resource has no resourceType", path, source)
+            return
+        if not _RESOURCE_TYPE.fullmatch(rt):
+            self._issue(
+                "error",
+                "invalid",
+                f"resourceType {ascii(rt)[:80]} is not a FHIR resource type name (letters, a capital first)",
+                f"{path}.resourceType" if path else "resourceType",
+                source,
+            )
             return
         here = path or rt
+        # Repeated names on the resource object itself (even resourceType) are reported whatever its type:
+        # which type it is cannot be trusted then.
+        deep = self.check is None or rt in self.check
+        if self._marks(value, here, source, depth, deep and rt != "Bundle"):
+            return
         if rt == "Bundle":
-            yield from self._bundle(value, here, source)
+            yield from self._bundle(value, here, source, depth)
             return
         rid = value.get("id")
-        if isinstance(rid, str) and rid:
+        if isinstance(rid, str) and not is_text(rid):
+            self._issue("error", "invalid", "the id is not text (it holds a lone surrogate)", f"{here}.id", source)
+            return
+        if container is not None:
+            # Contained resources have no identity outside their container (FHIR ref-1): outputs point at it.
+            reference = container.reference
+        elif isinstance(rid, str) and rid:
             reference = f"{rt}/{rid}"
         elif full_url:
             reference = full_url
         else:
             reference = f"urn:uuid:{uuid.uuid4()}"
-        yield Found(dict(value), reference, here, source, in_collection)
+        yield Found(dict(value), reference, here, source, in_collection, depth)
 
-    def _bundle(self, bundle: Mapping[str, Any], path: str, source: str) -> Iterator[Found]:
+    def contained(self, found: Found, types: Collection[str]) -> Iterator[Found]:
+        """The ``contained`` resources of ``found`` whose type is in ``types``, checked like any resource.
+
+        Their ``reference`` is the container's and their ``path`` is ``<container path>.contained[i]``.
+        """
+        items = found.resource.get("contained")
+        if not isinstance(items, list):
+            return
+        for i, item in enumerate(items):
+            if isinstance(item, Mapping) and item.get("resourceType") in types:
+                path = f"{found.path}.contained[{i}]"
+                yield from self._value(item, path, found.source, True, None, found.depth + 2, found)
+
+    def _bundle(self, bundle: Mapping[str, Any], path: str, source: str, depth: int) -> Iterator[Found]:
         self.containers += 1
         entries = bundle.get("entry", [])
         if not isinstance(entries, list):
@@ -175,10 +285,37 @@ class Walk:
                     source,
                 )
                 continue
+            if self._marks(entry, here, source, depth + 2, False):  # two "resource" or "fullUrl" names
+                continue
             resource = entry.get("resource")
             if resource is None:  # request-only (DELETE, GET) and response entries carry no resource
                 continue
             full_url = entry.get("fullUrl")
+            if isinstance(full_url, str) and not is_text(full_url):
+                self._issue(
+                    "error",
+                    "invalid",
+                    "the fullUrl is not a uri (it holds a lone surrogate)",
+                    f"{here}.fullUrl",
+                    source,
+                )
+                continue
+            request = entry.get("request")
+            if (
+                bundle.get("type") in ("transaction", "batch")
+                and isinstance(full_url, str)
+                and full_url.startswith("urn:uuid:")
+                and isinstance(request, Mapping)
+                and request.get("method") in ("POST", "PUT")
+                and isinstance(resource, Mapping)
+                and isinstance(resource.get("resourceType"), str)
+            ):
+                self.unsent.setdefault(full_url, dict(resource))
             yield from self._value(
-                resource, f"{here}.resource", source, True, full_url if isinstance(full_url, str) else None
+                resource,
+                f"{here}.resource",
+                source,
+                True,
+                full_url if isinstance(full_url, str) else None,
+                depth + 3,
             )

@@ -10,6 +10,12 @@ Condition          ``note[i].text``
 Procedure          ``note[i].text``
 =================  ==================================================================
 
+Text that is not Unicode (a lone surrogate from a JSON ``\\ud800`` escape or a decoded attachment) is an
+``error``/``invalid`` issue for its element: tokenizers cannot take it.
+
+:func:`check_codes` checks the required code bindings the runtime relies on, which fhir.resources R4B does not
+enforce: a ``status: "bogus"`` would otherwise pass as a real note.
+
 Problems are OperationOutcome issues, never exceptions. A resource that yields no text at all always gets
 one issue with severity ``error`` and code ``required`` whose expression is the resource itself, so a caller
 can tell "this resource gave nothing" apart from "one of its elements was skipped" (a ``warning``: an empty
@@ -19,14 +25,16 @@ note, an attachment given by url, a PDF) without reading diagnostics.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from fhirplug.fhir._attachment import decode_attachment, too_long
+from fhirplug.fhir._attachment import decode_attachment, not_text, too_long
+from fhirplug.fhir._json import is_text
 from fhirplug.fhir.outcome import Issue
 from fhirplug.predictions import TextSource
 
-__all__ = ["TEXT_ELEMENTS", "extract_texts", "has_text_elements"]
+__all__ = ["TEXT_ELEMENTS", "check_codes", "entered_in_error", "extract_texts", "has_text_elements"]
 
 #: Per readable resource type, the elements text is read from (for messages and docs).
 TEXT_ELEMENTS: dict[str, tuple[str, ...]] = {
@@ -45,6 +53,64 @@ _DATES: dict[str, tuple[str, ...]] = {
     "Condition": ("recordedDate", "onsetDateTime", "onsetPeriod.start"),
     "Procedure": ("performedDateTime", "performedPeriod.start"),
 }
+
+# Required bindings on code elements (FHIR R4, http://hl7.org/fhir/R4/valueset-<name>.html): element, value set.
+_CODES: dict[str, tuple[tuple[str, str, frozenset[str]], ...]] = {
+    "DocumentReference": (
+        ("status", "document-reference-status", frozenset({"current", "superseded", "entered-in-error"})),
+        ("docStatus", "composition-status", frozenset({"preliminary", "final", "amended", "entered-in-error"})),
+    ),
+    "DiagnosticReport": (
+        (
+            "status",
+            "diagnostic-report-status",
+            frozenset(
+                {
+                    *("registered", "partial", "preliminary", "final", "amended", "corrected", "appended"),
+                    *("cancelled", "entered-in-error", "unknown"),
+                }
+            ),
+        ),
+    ),
+    "Observation": (
+        (
+            "status",
+            "observation-status",
+            frozenset(
+                {"registered", "preliminary", "final", "amended", "corrected", "cancelled", "entered-in-error"}
+                | {"unknown"}
+            ),
+        ),
+    ),
+    "Procedure": (
+        (
+            "status",
+            "event-status",
+            frozenset(
+                {"preparation", "in-progress", "not-done", "on-hold", "stopped", "completed", "entered-in-error"}
+                | {"unknown"}
+            ),
+        ),
+    ),
+}
+# Required bindings on Condition's CodeableConcepts: element, code system, codes.
+_CONCEPTS: tuple[tuple[str, str, frozenset[str]], ...] = (
+    (
+        "clinicalStatus",
+        "http://terminology.hl7.org/CodeSystem/condition-clinical",
+        frozenset({"active", "recurrence", "relapse", "inactive", "remission", "resolved"}),
+    ),
+    (
+        "verificationStatus",
+        "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+        frozenset({"unconfirmed", "provisional", "differential", "confirmed", "refuted", "entered-in-error"}),
+    ),
+)
+# Attachment.contentType is bound (required) to BCP 13 MIME types: type "/" subtype, then ;name=value parameters
+# (RFC 6838 restricted names, RFC 2045 tokens or quoted strings).
+_NAME = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+_TOKEN = r"[A-Za-z0-9!#$%&'*+.^_`|~-]+"
+_MIME = re.compile(rf"""{_NAME}/{_NAME}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|"(?:[^"\\]|\\.)*"))*[ \t]*;?[ \t]*""")
 
 # A candidate: (element suffix after the type, "attachment" | "string", the JSON value).
 _Candidate = tuple[str, str, Any]
@@ -78,6 +144,92 @@ def has_text_elements(resource: Mapping[str, Any]) -> bool:
     return next(_candidates(resource), None) is not None
 
 
+def _attachments(resource: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    for suffix, kind, value in _candidates(resource):
+        if kind == "attachment" and isinstance(value, Mapping):
+            yield suffix, value
+
+
+def check_codes(resource: Mapping[str, Any], path: str | None = None) -> list[Issue]:
+    """Issues for codes outside the required bindings the runtime relies on; [] when all are valid.
+
+    Checked: ``status`` of DocumentReference, DiagnosticReport, Observation and Procedure,
+    ``DocumentReference.docStatus``, ``Condition.clinicalStatus`` and ``verificationStatus`` (when present, a
+    coding from the HL7 code system with a code of the value set), and the MIME type form of every
+    ``contentType`` of an Attachment text is read from. Each issue is an ``error``/``code-invalid`` whose
+    expression is the element; a resource with one is not to be read.
+
+    Args:
+        resource: an R4 JSON object (a missing or non-string ``status`` is left to model validation).
+        path: FHIRPath of the resource, the prefix of issue expressions; the resourceType when not given.
+    """
+    rt = str(resource.get("resourceType"))
+    prefix = path or rt
+    issues: list[Issue] = []
+    for element, value_set, codes in _CODES.get(rt, ()):
+        value = resource.get(element)
+        if isinstance(value, str) and value not in codes:
+            issues.append(
+                Issue(
+                    "error",
+                    "code-invalid",
+                    f"{rt}.{element} {value!a:.80} is not in the required value set "
+                    f"http://hl7.org/fhir/ValueSet/{value_set} ({' | '.join(sorted(codes))}); the resource was "
+                    "not read",
+                    (f"{prefix}.{element}",),
+                )
+            )
+    if rt == "Condition":
+        for element, system, codes in _CONCEPTS:
+            concept = resource.get(element)
+            if not isinstance(concept, Mapping):
+                continue
+            codings = [c for c in _list(concept.get("coding")) if isinstance(c, Mapping)]
+            ours = [(i, c) for i, c in enumerate(codings) if c.get("system") == system]
+            bad = [(i, c) for i, c in ours if c.get("code") not in codes]
+            if bad or not ours:
+                i, coding = bad[0] if bad else (None, {})
+                where = f"{prefix}.{element}" + (f".coding[{i}].code" if i is not None else "")
+                got = f"code {coding.get('code')!a:.80}" if bad else "no coding from that system"
+                issues.append(
+                    Issue(
+                        "error",
+                        "code-invalid",
+                        f"Condition.{element} must have a coding from {system} with one of "
+                        f"{' | '.join(sorted(codes))} (a required binding); got {got}; the resource was not read",
+                        (where,),
+                    )
+                )
+    for suffix, attachment in _attachments(resource):
+        content_type = attachment.get("contentType")
+        if isinstance(content_type, str) and not _MIME.fullmatch(content_type):
+            issues.append(
+                Issue(
+                    "error",
+                    "code-invalid",
+                    f"contentType {content_type!a:.80} is not a MIME type (type/subtype[; name=value], BCP 13, "
+                    "e.g. text/plain; charset=utf-8); the resource was not read",
+                    (f"{prefix}.{suffix}.contentType",),
+                )
+            )
+    return issues
+
+
+def entered_in_error(resource: Mapping[str, Any]) -> str | None:
+    """The element that marks ``resource`` as entered-in-error (``status``, ``docStatus``,
+    ``verificationStatus``), or None. Such a record was made by mistake: it must not be predicted from.
+    """
+    for element in ("status", "docStatus"):
+        if resource.get(element) == "entered-in-error":
+            return element
+    if resource.get("resourceType") == "Condition":
+        status = resource.get("verificationStatus")
+        codings = _list(status.get("coding")) if isinstance(status, Mapping) else []
+        if any(isinstance(c, Mapping) and c.get("code") == "entered-in-error" for c in codings):
+            return "verificationStatus"
+    return None
+
+
 def _reference(value: Any) -> dict[str, Any] | None:
     return copy.deepcopy(dict(value)) if isinstance(value, Mapping) else None
 
@@ -108,6 +260,8 @@ def extract_texts(
     reference: str,
     path: str | None = None,
     max_chars: int = 1_000_000,
+    element: str | None = None,
+    context: Mapping[str, Any] | None = None,
 ) -> tuple[list[TextSource], list[Issue]]:
     """Read every text a resource holds.
 
@@ -117,6 +271,10 @@ def extract_texts(
         path: FHIRPath of the resource in the input, the prefix of issue expressions
             (``Bundle.entry[3].resource``); the resourceType when not given.
         max_chars: longest text read from one element; longer ones are reported as ``too-costly`` and skipped.
+        element: the start of ``TextSource.element`` (the resourceType when not given); for a contained
+            resource its path in the container, ``DiagnosticReport.contained[0]``.
+        context: the container of a contained resource: its subject, encounter and date stand in for those
+            the contained resource lacks.
 
     Returns:
         ``(sources, issues)``. ``TextSource.element`` is the path within the resource
@@ -126,12 +284,15 @@ def extract_texts(
     rt = str(resource.get("resourceType"))
     prefix = path or rt
     subject, encounter, date = _context(resource)
+    if context is not None:
+        outer = _context(context)
+        subject, encounter, date = subject or outer[0], encounter or outer[1], date or outer[2]
     sources: list[TextSource] = []
     issues: list[Issue] = []
     seen = False
     for suffix, kind, value in _candidates(resource):
         seen = True
-        element = f"{rt}.{suffix}"
+        name = f"{element or rt}.{suffix}"
         expression = f"{prefix}.{suffix}"
         if kind == "attachment":
             if not isinstance(value, Mapping):
@@ -143,7 +304,10 @@ def extract_texts(
                 continue
             text, original, offsets, ends = decoded.text, decoded.original, decoded.offsets, decoded.ends
         elif not isinstance(value, str):
-            issues.append(Issue("error", "structure", f"{element} must be a string", (expression,)))
+            issues.append(Issue("error", "structure", f"{rt}.{suffix} must be a string", (expression,)))
+            continue
+        elif not is_text(value):
+            issues.append(not_text(value, expression))
             continue
         elif len(value) > max_chars:
             issues.append(too_long(len(value), max_chars, expression))
@@ -153,7 +317,7 @@ def extract_texts(
         if not text.strip():
             issues.append(Issue("warning", "value", "the text is empty or only whitespace; skipped", (expression,)))
             continue
-        sources.append(TextSource(reference, rt, element, text, original, offsets, subject, encounter, date, ends))
+        sources.append(TextSource(reference, rt, name, text, original, offsets, subject, encounter, date, ends))
     if not sources:
         expected = ", ".join(f"{rt}.{e}" for e in TEXT_ELEMENTS.get(rt, ()))
         why = (

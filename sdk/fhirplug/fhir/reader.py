@@ -7,6 +7,19 @@ good resource next to a bad one is still read.
 
 Only resources of the types a plugin reads are validated against the fhir.resources R4B models: a Synthea
 bundle's thousands of Claim and ExplanationOfBenefit entries are skipped unparsed, which keeps reading fast.
+
+FHIR JSON rules Python's json does not keep (no repeated names, numbers FHIR can hold, bounded nesting) are
+errors for the resource holding the offence, never for the file: see :mod:`fhirplug.fhir._json`. The required
+code bindings fhir.resources does not enforce (``status`` and friends) are checked here, see
+:func:`~fhirplug.fhir.extract.check_codes`; an ``entered-in-error`` resource is skipped with an ``information``
+issue, since a record marked as made in error is not clinical truth to predict from.
+
+``contained`` resources of an accepted type are read too: a DiagnosticReport may carry its narrative as a
+contained DocumentReference or Observation, and dropping that text silently would hide it. They have no
+identity outside their container (FHIR ref-1: ``#id`` resolves only inside it), so their texts carry the
+container's ``reference`` and an ``element`` rooted at the container
+(``DiagnosticReport.contained[0].content[0].attachment``); outputs point at the container and the element
+says where inside it the text was.
 """
 
 from __future__ import annotations
@@ -15,15 +28,15 @@ import functools
 import re
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from fhirplug.errors import InputError
+from fhirplug.errors import InputError, UsageError
 from fhirplug.fhir._walk import Found, Walk
-from fhirplug.fhir.extract import TEXT_ELEMENTS, extract_texts, has_text_elements
+from fhirplug.fhir.extract import TEXT_ELEMENTS, check_codes, entered_in_error, extract_texts, has_text_elements
 from fhirplug.fhir.outcome import Issue
 from fhirplug.predictions import TextSource
 
@@ -44,11 +57,14 @@ class ReadResult:
         sources: every text read, in input order.
         issues: every problem met; an ``error`` means some input could not be used.
         resources_read: resources of an accepted type that were examined (valid or not).
+        unsent: resources of unsent transaction/batch Bundles in the input, by their ``urn:uuid:`` fullUrl
+            (the writer adds those the outputs reference to an output transaction).
     """
 
     sources: list[TextSource]
     issues: list[Issue]
     resources_read: int
+    unsent: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @functools.cache
@@ -108,8 +124,18 @@ def _validate(found: Found) -> list[Issue]:
 def _check_types(resource_types: Sequence[str]) -> tuple[str, ...]:
     unknown = sorted(set(resource_types) - set(TEXT_ELEMENTS))
     if unknown or not resource_types:
-        raise ValueError(f"cannot read text from {unknown or 'no types'}; readable types are {list(TEXT_ELEMENTS)}")
+        raise UsageError(
+            f"resource_types={list(resource_types)!r}: cannot read text from {unknown or 'no types'}; "
+            f"readable types are {list(TEXT_ELEMENTS)}"
+        )
     return tuple(resource_types)
+
+
+def _named(found: Found) -> str:
+    rt = found.resource["resourceType"]
+    if ".contained[" in found.path:  # its reference is its container's; say which contained resource it is
+        return f"the {rt} contained at {found.path} (in {found.reference})"
+    return found.reference
 
 
 def _counted(counts: Counter[str]) -> str:
@@ -141,7 +167,7 @@ def read_fhir(
         issue, not reported as errors (a lone one is an ``error``/``required``, see extract_texts).
 
     Raises:
-        ValueError: ``resource_types`` names a type text cannot be read from (a programming error).
+        UsageError: ``resource_types`` names a type text cannot be read from (a programming error).
     """
     accepted = _check_types(resource_types)
     issues: list[Issue] = []
@@ -149,35 +175,76 @@ def read_fhir(
     seen: Counter[str] = Counter()
     no_text: list[Found] = []
     read = 0
-    walk = Walk(source_name, issues)
+    walk = Walk(source_name, issues, check=accepted)
+
+    def usable(found: Found) -> bool:
+        """Validate, check bindings and status; False (with issues) when the resource is not to be read."""
+        problems = _validate(found) or [
+            replace(i, source=found.source) for i in check_codes(found.resource, found.path)
+        ]
+        if problems:
+            issues.extend(problems)
+            return False
+        element = entered_in_error(found.resource)
+        if element:
+            issues.append(
+                Issue(
+                    "information",
+                    "informational",
+                    f"{_named(found)} is marked entered-in-error ({element}); it is not clinical truth and "
+                    "was not read",
+                    (f"{found.path}.{element}",),
+                    found.source,
+                )
+            )
+            return False
+        return True
+
     for found in walk.run(data):
         rt = found.resource["resourceType"]
         seen[rt] += 1
-        if rt not in accepted:
-            if not found.in_collection:
-                issues.append(
-                    Issue(
-                        "error",
-                        "not-supported",
-                        f"{rt} is not read by this plugin; it reads {', '.join(accepted)}",
-                        (found.path,),
-                        found.source,
-                    )
+        if rt in accepted:
+            read += 1
+            if not usable(found):
+                continue
+        inner = list(walk.contained(found, accepted))
+        if rt in accepted:
+            if not has_text_elements(found.resource) and (found.in_collection or inner):
+                no_text.append(found)
+            else:
+                got, found_issues = extract_texts(
+                    found.resource, reference=found.reference, path=found.path, max_chars=max_chars
                 )
-            continue
-        read += 1
-        problems = _validate(found)
-        if problems:
-            issues.extend(problems)
-            continue
-        if found.in_collection and not has_text_elements(found.resource):
-            no_text.append(found)
-            continue
-        got, found_issues = extract_texts(
-            found.resource, reference=found.reference, path=found.path, max_chars=max_chars
-        )
-        sources.extend(got)
-        issues.extend(replace(issue, source=found.source) for issue in found_issues)
+                sources.extend(got)
+                issues.extend(replace(issue, source=found.source) for issue in found_issues)
+        elif not found.in_collection and not inner:
+            issues.append(
+                Issue(
+                    "error",
+                    "not-supported",
+                    f"{rt} is not read by this plugin; it reads {', '.join(accepted)}",
+                    (found.path,),
+                    found.source,
+                )
+            )
+        for part in inner:
+            seen[part.resource["resourceType"]] += 1
+            read += 1
+            if not usable(part):
+                continue
+            if not has_text_elements(part.resource):
+                no_text.append(part)
+                continue
+            got, found_issues = extract_texts(
+                part.resource,
+                reference=part.reference,
+                path=part.path,
+                max_chars=max_chars,
+                element=rt + part.path[len(found.path) :],
+                context=found.resource,
+            )
+            sources.extend(got)
+            issues.extend(replace(issue, source=part.source) for issue in found_issues)
 
     if read == 0 and walk.containers:
         issues.append(
@@ -215,7 +282,7 @@ def read_fhir(
                     source_name,
                 )
             )
-    return ReadResult(sources, issues, read)
+    return ReadResult(sources, issues, read, walk.unsent)
 
 
 def read_fhir_files(
@@ -231,6 +298,7 @@ def read_fhir_files(
     """
     sources: list[TextSource] = []
     issues: list[Issue] = []
+    unsent: dict[str, dict[str, Any]] = {}
     read = 0
     for path in paths:
         try:
@@ -242,7 +310,9 @@ def read_fhir_files(
         sources.extend(result.sources)
         issues.extend(result.issues)
         read += result.resources_read
-    return ReadResult(sources, issues, read)
+        for url, resource in result.unsent.items():
+            unsent.setdefault(url, resource)
+    return ReadResult(sources, issues, read, unsent)
 
 
 def iter_resources(

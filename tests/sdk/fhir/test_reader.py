@@ -149,7 +149,12 @@ def test_resources_the_validator_chokes_on_are_issues_not_exceptions() -> None:
     result = read_fhir(bundle(nested, odd, doc("Wheeze.", id="ok")), resource_types=ALL)
     assert [s.reference for s in result.sources] == ["DocumentReference/ok"]
     assert [(i.severity, i.code) for i in result.issues] == [("error", "structure")] * 2
-    assert [i.expression for i in result.issues] == [("Bundle.entry[0].resource",), ("Bundle.entry[1].resource",)]
+    # The depth limit (100 levels from the document root) names the element where it is crossed.
+    (too_deep,) = result.issues[0].expression
+    assert too_deep.startswith("Bundle.entry[0].resource.content[0].attachment.extension[0].extension[0]")
+    # Levels: Bundle 1, entry 2, entry[0] 3, resource 4, content[0] 6, attachment 7, extension[0] 9, 11 ... 101.
+    assert too_deep.count(".extension[0]") == (101 - 9) // 2 + 1
+    assert result.issues[1].expression == ("Bundle.entry[1].resource",)
     assert "nested too deeply" in result.issues[0].diagnostics
 
 
