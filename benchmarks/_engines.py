@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from fhirplug.errors import ProviderError
+
 TORCH, OPTIMUM = "torch-fp32", "optimum-fp32"
 
 
@@ -154,7 +156,7 @@ def gpu_engines(bundle: Path, manifest: Any, threads: int, batch_size: int) -> l
         ]
     try:
         spec = manifest.variant("fp16")
-    except KeyError:
+    except ProviderError:
         return [
             Engine(i, lbl, "fp16", None, status="skipped: the bundle has no fp16 variant")
             for i, lbl in zip(ids, labels, strict=True)

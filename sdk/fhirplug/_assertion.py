@@ -20,13 +20,15 @@ pass another): ``triggers`` by category (``negated``, ``possible``, ``historical
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from fhirplug._safe_read import load_json
+from fhirplug.errors import FhirplugError, TaskError, UsageError
 
 __all__ = ["DEFAULT_LEXICON", "Assertion", "Lexicon", "assert_spans", "sentences"]
 
@@ -88,44 +90,37 @@ class Lexicon:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "inline") -> Lexicon:
-        """Parse a lexicon mapping (the JSON file's content).
+        """Parse a lexicon mapping (the JSON file's content), checked against the lexicon schema.
 
         Raises:
-            ValueError: an unknown category or direction, or a phrase that is not a non-empty string.
+            UsageError: (also a ``ValueError``) an unknown key, category or direction, a wrong type, no
+                ``negated`` trigger, or a phrase that is not a non-empty string; the message names the key.
         """
-        merged: dict[str, tuple[set[str], set[str]]] = {}
-        for name, by_direction in dict(data.get("triggers", {})).items():
-            categories = tuple(name.split("+"))
-            unknown = [c for c in categories if c not in CATEGORIES]
-            if unknown:
-                raise ValueError(f"{source}: unknown assertion category {unknown}; known: {list(CATEGORIES)}")
-            for direction, phrases in dict(by_direction).items():
-                if direction not in ("forward", "backward"):
-                    raise ValueError(f"{source}: triggers.{name}.{direction}: expected forward or backward")
-                for phrase in phrases:
-                    if not isinstance(phrase, str) or not phrase.strip():
-                        raise ValueError(f"{source}: triggers.{name}.{direction}: {phrase!r} is not a phrase")
-                    # One phrase may be listed under several categories or directions: gather them.
-                    cats, dirs = merged.setdefault(phrase.lower().strip(), (set(), set()))
-                    cats.update(categories)
-                    dirs.add(direction)
-        phrases = [
-            _Phrase(text, "trigger", tuple(sorted(cats)), tuple(sorted(dirs))) for text, (cats, dirs) in merged.items()
-        ]
-        phrases += [_Phrase(p.lower().strip(), "pseudo") for p in data.get("pseudo", []) if str(p).strip()]
-        phrases += [_Phrase(p.lower().strip(), "terminator") for p in data.get("terminators", []) if str(p).strip()]
-        relationships = {str(k).lower(): str(v) for k, v in dict(data.get("family_relationships", {})).items()}
-        return cls(tuple(phrases), int(data.get("max_scope_words", 0) or 0), relationships, source)
+        return _parse(data, source, UsageError)
 
     @classmethod
     def load(cls, path: str | Path) -> Lexicon:
+        """Read and parse a lexicon JSON file.
+
+        Raises:
+            TaskError: the file cannot be read, is not JSON or is not a lexicon (the message names the key).
+        """
         path = Path(path)
-        return cls.from_bytes(path.read_bytes(), str(path))
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise TaskError(f"{path}: cannot read the assertion lexicon ({exc.strerror})") from exc
+        return cls.from_bytes(data, str(path))
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "inline") -> Lexicon:
-        """Parse a lexicon JSON file's bytes (a verified bundle's ``assertion.json``)."""
-        return cls.from_dict(json.loads(data.decode("utf-8")), source)
+        """Parse a lexicon JSON file's bytes (a verified bundle's ``assertion.json``).
+
+        Raises:
+            TaskError: not JSON (or over the JSON limits), or not a lexicon; the message names ``source`` and
+                the key.
+        """
+        return _parse(load_json(data, source, TaskError), source, TaskError)
 
     @classmethod
     def default(cls) -> Lexicon:
@@ -139,6 +134,82 @@ class Lexicon:
     @property
     def regex(self) -> re.Pattern[str]:
         return _compile(self.phrases)
+
+
+#: Every top-level key a lexicon file may have; anything else is a typo that would silently change nothing.
+LEXICON_KEYS = (
+    "version",
+    "description",
+    "triggers",
+    "pseudo",
+    "terminators",
+    "max_scope_words",
+    "family_relationships",
+)
+
+
+def _phrases(value: Any, where: str, error: type[FhirplugError]) -> list[str]:
+    if not isinstance(value, list):
+        raise error(f"{where}: expected a list of phrases, got {type(value).__name__}")
+    for phrase in value:
+        if not isinstance(phrase, str) or not phrase.strip():
+            raise error(f"{where}: {str(phrase)[:80]!r} is not a phrase (a non-empty string)")
+    return [p.lower().strip() for p in value]
+
+
+def _parse(data: Any, source: str, error: type[FhirplugError]) -> Lexicon:
+    """Validate a lexicon mapping against its schema and build the :class:`Lexicon`; ``error`` names ``source``."""
+    if not isinstance(data, Mapping):
+        raise error(f"{source}: an assertion lexicon is a JSON object, got {type(data).__name__}")
+    unknown = sorted(str(k) for k in data if k not in LEXICON_KEYS)
+    if unknown:
+        raise error(f"{source}: unknown key(s) {unknown}; a lexicon has {list(LEXICON_KEYS)}")
+    version = data.get("version", 1)
+    if type(version) is not int or version != 1:
+        raise error(f"{source}: version is {str(version)[:20]!r}; this fhirplug reads lexicon version 1")
+    if not isinstance(data.get("description", ""), str):
+        raise error(f"{source}: description must be a string")
+    if "triggers" not in data:
+        raise error(f"{source}: missing key 'triggers' (at least negated triggers); without it nothing is negated")
+    triggers = data["triggers"]
+    if not isinstance(triggers, Mapping):
+        raise error(f"{source}: triggers: expected an object of category → direction → phrases")
+    merged: dict[str, tuple[set[str], set[str]]] = {}
+    negated = 0
+    for name, by_direction in triggers.items():
+        categories = tuple(str(name).split("+"))
+        unknown = [c for c in categories if c not in CATEGORIES]
+        if unknown:
+            raise error(f"{source}: triggers.{name}: unknown assertion category {unknown}; known: {list(CATEGORIES)}")
+        if not isinstance(by_direction, Mapping):
+            raise error(f"{source}: triggers.{name}: expected an object of forward/backward phrase lists")
+        for direction, listed in by_direction.items():
+            if direction not in ("forward", "backward"):
+                raise error(f"{source}: triggers.{name}.{direction}: expected forward or backward")
+            for phrase in _phrases(listed, f"{source}: triggers.{name}.{direction}", error):
+                # One phrase may be listed under several categories or directions: gather them.
+                cats, dirs = merged.setdefault(phrase, (set(), set()))
+                cats.update(categories)
+                dirs.add(direction)
+                negated += "negated" in categories
+    if not negated:
+        raise error(f"{source}: triggers has no negated phrase; a lexicon without one silently turns negation off")
+    scope = data.get("max_scope_words", 0)
+    if type(scope) is not int or scope < 0:
+        raise error(f"{source}: max_scope_words must be a whole number ≥ 0 (0: unlimited), got {str(scope)[:20]!r}")
+    relationships = data.get("family_relationships", {})
+    if not isinstance(relationships, Mapping) or not all(
+        isinstance(k, str) and k.strip() and isinstance(v, str) and v.strip() for k, v in relationships.items()
+    ):
+        raise error(f"{source}: family_relationships: expected an object of trigger phrase → HL7 v3 RoleCode")
+    phrases = [
+        _Phrase(text, "trigger", tuple(sorted(cats)), tuple(sorted(dirs))) for text, (cats, dirs) in merged.items()
+    ]
+    phrases += [_Phrase(p, "pseudo") for p in _phrases(data.get("pseudo", []), f"{source}: pseudo", error)]
+    phrases += [
+        _Phrase(p, "terminator") for p in _phrases(data.get("terminators", []), f"{source}: terminators", error)
+    ]
+    return Lexicon(tuple(phrases), scope, {k.lower(): v for k, v in relationships.items()}, source)
 
 
 @cache

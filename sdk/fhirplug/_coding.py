@@ -19,15 +19,18 @@ threshold abstains instead of guessing. Where two concepts share a name, the one
 from __future__ import annotations
 
 import io
-import json
 import re
 import unicodedata
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fhirplug._safe_read import load_json
+from fhirplug.errors import TaskError
 
 __all__ = ["Coding", "ConceptIndex", "build_index", "normalize"]
 
@@ -123,14 +126,41 @@ class ConceptIndex:
 
     @classmethod
     def load(cls, concepts_path: Path, vectors_path: Path, threshold: float) -> ConceptIndex:
-        return cls.from_bytes(concepts_path.read_bytes(), vectors_path.read_bytes(), threshold)
+        """Read and validate ``concepts.json`` and ``concept_vectors.npz`` from disk.
+
+        Raises:
+            TaskError: a file cannot be read or breaks its schema (the message names the file and key).
+        """
+        try:
+            concepts, vectors = concepts_path.read_bytes(), vectors_path.read_bytes()
+        except OSError as exc:
+            raise TaskError(f"{exc.filename}: the terminology files cannot be read ({exc.strerror})") from exc
+        return cls.from_bytes(
+            concepts, vectors, threshold, concepts_source=str(concepts_path), vectors_source=str(vectors_path)
+        )
 
     @classmethod
-    def from_bytes(cls, concepts_json: bytes, vectors_npz: bytes, threshold: float) -> ConceptIndex:
-        """Build the index from the bytes of ``concepts.json`` and ``concept_vectors.npz`` (a verified bundle's)."""
-        concepts = json.loads(concepts_json.decode("utf-8"))
-        with np.load(io.BytesIO(vectors_npz), allow_pickle=False) as arrays:
-            vectors = {k: arrays[k] for k in arrays.files}
+    def from_bytes(
+        cls,
+        concepts_json: bytes,
+        vectors_npz: bytes,
+        threshold: float,
+        *,
+        concepts_source: str = "concepts.json",
+        vectors_source: str = "concept_vectors.npz",
+    ) -> ConceptIndex:
+        """Build the index from the bytes of ``concepts.json`` and ``concept_vectors.npz`` (a verified bundle's).
+
+        Both are checked against their schema first (see :func:`check_terminology`), so a bad file fails the
+        plugin's load, never a later lookup.
+
+        Raises:
+            TaskError: a file is not JSON / not an .npz of plain arrays, or breaks its schema; the message names
+                the file and the key.
+        """
+        concepts = load_json(concepts_json, concepts_source, TaskError)
+        vectors = _load_npz(vectors_npz, vectors_source)
+        check_terminology(concepts, vectors, concepts_source, vectors_source)
         return cls(concepts, vectors, threshold)
 
     def vector(self, text: str) -> dict[int, float]:
@@ -185,6 +215,111 @@ class ConceptIndex:
         if score < self.threshold:
             return Coding(None, None, "none", round(score, 6), name)
         return Coding(str(concept["code"]), str(concept.get("display", "")), "nearest", round(score, 6), name)
+
+
+#: concepts.json's keys, and each concept's.
+CONCEPTS_KEYS = frozenset({"system", "ngram", "concepts"})
+CONCEPT_KEYS = frozenset({"code", "display", "type", "names"})
+#: concept_vectors.npz's arrays → the dtype kind each must have (U: text, f: float, i/u: integer).
+VECTOR_KINDS = {"ngrams": "U", "idf": "f", "indptr": "iu", "indices": "iu", "data": "f", "row_concept": "iu"}
+#: Largest uncompressed concept_vectors.npz accepted (the first-party one is about 1 MiB): no zip bomb.
+MAX_VECTORS_BYTES = 1 << 28
+
+
+def _bad(where: str, detail: str) -> TaskError:
+    return TaskError(f"{where}: the terminology files cannot be read: {detail}")
+
+
+def _load_npz(data: bytes, source: str) -> dict[str, np.ndarray]:
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            total = sum(info.file_size for info in archive.infolist())
+        if total > MAX_VECTORS_BYTES:
+            raise _bad(source, f"{total} bytes uncompressed, more than the {MAX_VECTORS_BYTES} allowed")
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            return {k: arrays[k] for k in arrays.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+        raise _bad(source, f"not an .npz archive of plain arrays ({exc})") from exc
+
+
+def check_terminology(
+    concepts: Any, vectors: Mapping[str, np.ndarray], concepts_source: str, vectors_source: str
+) -> None:
+    """Check ``concepts.json`` content and ``concept_vectors.npz`` arrays against their schema and each other.
+
+    ``concepts``: ``{"system": URI, "ngram": 1..8, "concepts": [{"code", "display", "type": str, "names": [str]}]}``.
+    ``vectors``: exactly the arrays of :data:`VECTOR_KINDS`, one-dimensional, of those dtype kinds; ``idf`` as
+    long as ``ngrams``; a CSR matrix with one row per name (``indptr`` = rows + 1 entries, from 0, non-decreasing,
+    ending at ``len(indices)``; ``indices`` < ``len(ngrams)``; ``data`` as long as ``indices``, finite) and
+    ``row_concept`` naming, row by row, the concept each name belongs to.
+
+    Raises:
+        TaskError: naming the file and the key that is wrong.
+    """
+    if not isinstance(concepts, dict):
+        raise _bad(concepts_source, f"expected a JSON object, got {type(concepts).__name__}")
+    unknown = sorted(set(concepts) - CONCEPTS_KEYS)
+    missing = sorted(CONCEPTS_KEYS - set(concepts))
+    if unknown or missing:
+        raise _bad(
+            concepts_source, f"unknown key(s) {unknown}, missing key(s) {missing}; expected {sorted(CONCEPTS_KEYS)}"
+        )
+    if not isinstance(concepts["system"], str) or not concepts["system"].startswith(("http://", "https://", "urn:")):
+        raise _bad(concepts_source, "system: expected the code system's canonical URI")
+    if type(concepts["ngram"]) is not int or not 1 <= concepts["ngram"] <= 8:
+        raise _bad(concepts_source, f"ngram: expected an integer 1..8, got {str(concepts['ngram'])[:20]!r}")
+    listed = concepts["concepts"]
+    if not isinstance(listed, list):
+        raise _bad(concepts_source, "concepts: expected a list of {code, display, type, names}")
+    names_per_concept = []
+    for i, concept in enumerate(listed):
+        where = f"concepts[{i}]"
+        if not isinstance(concept, dict) or set(concept) != CONCEPT_KEYS:
+            got = sorted(concept) if isinstance(concept, dict) else type(concept).__name__
+            raise _bad(concepts_source, f"{where}: expected exactly the keys {sorted(CONCEPT_KEYS)}, got {got}")
+        for key in ("code", "display", "type"):
+            if not isinstance(concept[key], str) or not concept[key]:
+                raise _bad(concepts_source, f"{where}.{key}: expected a non-empty string")
+        names = concept["names"]
+        if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+            raise _bad(concepts_source, f"{where}.names: expected a list of non-empty strings")
+        names_per_concept.append(len(names))
+    unknown = sorted(set(vectors) - set(VECTOR_KINDS))
+    missing = sorted(set(VECTOR_KINDS) - set(vectors))
+    if unknown or missing:
+        raise _bad(vectors_source, f"unknown array(s) {unknown}, missing array(s) {missing}")
+    for key, kinds in VECTOR_KINDS.items():
+        array = vectors[key]
+        if array.ndim != 1 or array.dtype.kind not in kinds:
+            raise _bad(
+                vectors_source, f"{key}: expected a 1-d array of kind {kinds!r}, got {array.dtype} {array.shape}"
+            )
+    ngram_count = len(vectors["ngrams"])
+    rows = sum(names_per_concept)
+    if len(vectors["idf"]) != ngram_count:
+        raise _bad(vectors_source, f"idf has {len(vectors['idf'])} entries, ngrams {ngram_count}")
+    indptr, indices, data = vectors["indptr"], vectors["indices"], vectors["data"]
+    if len(indptr) != rows + 1:
+        raise _bad(
+            vectors_source, f"indptr has {len(indptr)} entries, expected rows + 1 = {rows + 1} (one row per name)"
+        )
+    if indptr[0] != 0 or np.any(np.diff(indptr.astype(np.int64)) < 0) or indptr[-1] != len(indices):
+        raise _bad(vectors_source, f"indptr must rise from 0 to len(indices) = {len(indices)}")
+    if len(data) != len(indices):
+        raise _bad(vectors_source, f"data has {len(data)} entries, indices {len(indices)}")
+    if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= ngram_count):
+        raise _bad(vectors_source, f"indices must lie in 0..{ngram_count - 1} (len(ngrams) = {ngram_count})")
+    if not np.all(np.isfinite(data)) or not np.all(np.isfinite(vectors["idf"])):
+        raise _bad(vectors_source, "data and idf must be finite numbers")
+    expected = np.repeat(np.arange(len(listed)), names_per_concept)
+    row_concept = vectors["row_concept"]
+    if len(row_concept) != rows or not np.array_equal(row_concept.astype(np.int64), expected):
+        bad = "" if len(row_concept) != rows else f" (first wrong row {int(np.argmax(row_concept != expected))})"
+        raise _bad(
+            vectors_source,
+            f"row_concept must name each row's concept < len(concepts) = {len(listed)}, in the order of "
+            f"concepts.json's names ({rows} rows){bad}",
+        )
 
 
 def build_index(

@@ -1,9 +1,10 @@
 """``fhirplug demo``: the whole product in one command, on the embedded default plugin and example inputs.
 
 The default plugin (``plugins/medical-abstracts-mesh/bundle``, int8 only) is committed to the repository and
-pinned here by the sha256 of its manifest (which holds every file's hash): a corrupted or swapped bundle is
-reported and never used. ``--train`` rebuilds a plugin from the default recipe with a short schedule through
-the converter (the [train] extra) and runs the same examples through it.
+pinned by the sha256 of its manifest (which holds every file's hash) in :mod:`fhirplug._pins`, like every
+first-party plugin: a corrupted or swapped bundle is reported and never used. ``--train`` rebuilds a plugin
+from the default recipe with a short schedule through the converter (the [train] extra) and runs the same
+examples through it.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fhirplug._pins import PINS
 from fhirplug.bundle import verify_bundle
-from fhirplug.errors import FhirplugError, IntegrityError, MissingExtraError
+from fhirplug.errors import FhirplugError, IntegrityError, MissingExtraError, SignatureError
 from fhirplug.plugin import Plugin, PredictionResult
 
 DEFAULT_PLUGIN = "medical-abstracts-mesh"
-#: sha256 of the committed default bundle's manifest.json; update it when the bundle is rebuilt on purpose.
-DEFAULT_MANIFEST_SHA256 = "f67db551d794d4ba2902cb3967e2015f78d5ec1c9b357fbd90cba10678f2c55b"
+#: sha256 of the committed default bundle's manifest.json (its first-party pin; ``python -m fhirplug._pins``).
+DEFAULT_MANIFEST_SHA256 = PINS[DEFAULT_PLUGIN]
 CHECKOUT = Path(__file__).resolve().parents[2]
 PLUGINS = CHECKOUT / "plugins"
 
@@ -50,26 +52,30 @@ def plugin_dir(name: str = DEFAULT_PLUGIN) -> Path:
 
 
 def load_default(echo: Echo) -> tuple[Plugin, float]:
-    """Load the committed default bundle after checking it against the pinned manifest hash."""
-    from fhirplug.plugin import load_plugin
-
+    """Load the committed default bundle, trusted by its first-party pin (no allow_unsigned involved)."""
     bundle = plugin_dir() / "bundle"
+    restore = f"`git checkout -- {bundle.relative_to(CHECKOUT)}`"
     started = time.perf_counter()
     try:
-        verified = verify_bundle(bundle, allow_unsigned=True)
+        verified = verify_bundle(bundle)
     except IntegrityError as exc:
         raise IntegrityError(
             f"the committed default plugin is corrupted and will not be used: {exc}. Restore it with "
-            f"`git checkout -- {bundle.relative_to(CHECKOUT)}` or rebuild it with `fhirplug demo --train`"
+            f"{restore} or rebuild it with `fhirplug demo --train`"
         ) from exc
-    if verified.manifest_sha256 != DEFAULT_MANIFEST_SHA256:
+    except SignatureError as exc:
+        # Unsigned and not the pinned manifest: the bundle was replaced or edited.
         raise IntegrityError(
-            f"{bundle}/manifest.json has sha256 {verified.manifest_sha256}, the demo pins "
-            f"{DEFAULT_MANIFEST_SHA256}; the bundle was replaced or edited, so it is not used. Restore it with "
-            f"`git checkout -- {bundle.relative_to(CHECKOUT)}`"
+            f"{bundle}/manifest.json is not the bundle the demo pins ({DEFAULT_MANIFEST_SHA256}): {exc}. "
+            f"It was replaced or edited, so it is not used. Restore it with {restore}"
+        ) from exc
+    if verified.trusted_by != "pin" or verified.manifest.name != DEFAULT_PLUGIN:
+        raise IntegrityError(
+            f"{bundle}: is {verified.manifest.name}, {verified.trust}; the demo pins {DEFAULT_PLUGIN} at "
+            f"{DEFAULT_MANIFEST_SHA256}. Restore it with {restore}"
         )
-    # Pinned by hash above: that is the trust anchor for this unsigned, in-repository bundle.
-    plugin = load_plugin(bundle, allow_unsigned=True)
+    # Built from the very bytes that were hashed: no second read of the bundle between the pin check and use.
+    plugin = Plugin(verified)
     echo(
         f"verified {plugin.name} {plugin.manifest.version}: manifest sha256 {verified.manifest_sha256[:16]}… "
         f"matches the pin; every file's sha256 matches the manifest"

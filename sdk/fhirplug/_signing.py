@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -30,10 +32,32 @@ def generate_keypair(private_path: Path, public_path: Path) -> None:
     )
 
 
+#: A PEM ed25519 key is about 120 bytes; a key file is never bigger than this.
+MAX_KEY_BYTES = 16 << 10
+
+
+def _read_key_file(path: Path) -> bytes:
+    """The bytes of a key file: a regular file of at most MAX_KEY_BYTES, opened without waiting on a pipe.
+
+    Raises:
+        OSError: it cannot be opened or read; or (with errno EINVAL) it is not a regular file or too big.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(22, "not a regular file")
+        if info.st_size > MAX_KEY_BYTES:
+            raise OSError(22, f"{info.st_size} bytes, too big for a key file")
+        return os.read(fd, MAX_KEY_BYTES + 1)
+    finally:
+        os.close(fd)
+
+
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
+        key = serialization.load_pem_private_key(_read_key_file(path), password=None)
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise SignatureError(f"{path}: cannot read an unencrypted PEM private key ({exc})") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise SignatureError(f"{path}: expected an ed25519 private key, got {type(key).__name__}")
@@ -42,8 +66,8 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
     try:
-        key = serialization.load_pem_public_key(path.read_bytes())
-    except (OSError, ValueError) as exc:
+        key = serialization.load_pem_public_key(_read_key_file(path))
+    except (OSError, ValueError, UnsupportedAlgorithm) as exc:
         raise SignatureError(f"{path}: cannot read a PEM public key ({exc})") from exc
     if not isinstance(key, Ed25519PublicKey):
         raise SignatureError(f"{path}: expected an ed25519 public key, got {type(key).__name__}")

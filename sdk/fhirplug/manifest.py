@@ -9,12 +9,13 @@ errors that name the key, raised when the bundle is loaded, never at first infer
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fhirplug.errors import ManifestError
+from fhirplug._safe_read import load_json
+from fhirplug.errors import ManifestError, ProviderError
 
 __all__ = [
     "MANIFEST_FILE",
@@ -33,12 +34,36 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+#: The signature file beside the manifest (see fhirplug.bundle); neither may be declared as a bundle file.
+SIGNATURE_FILE = "manifest.sig"
+#: Largest manifest.json read (the first-party ones are 10-14 KiB).
+MAX_MANIFEST_BYTES = 1 << 20
 
 Precision = Literal["fp32", "int8", "fp16"]
 OutputResource = Literal["RiskAssessment", "Condition"]
 
 #: Resource types the runtime knows how to read text from (see fhirplug.fhir.extract).
 READABLE_TYPES = ("DocumentReference", "DiagnosticReport", "Observation", "Condition", "Procedure")
+
+
+def check_file_name(name: str) -> str:
+    """A bundle file name: a relative POSIX path inside the bundle, not the manifest or its signature.
+
+    Raises:
+        ValueError: an absolute path, ``..`` or ``.``, an empty part, a backslash or a control character.
+    """
+    parts = name.split("/")
+    if (
+        not name
+        or name.startswith("/")
+        or any(p in ("", ".", "..") for p in parts)
+        or "\\" in name
+        or any(ord(c) < 32 or ord(c) == 127 for c in name)
+    ):
+        raise ValueError(f"{name[:80]!r} is not a file name inside the bundle (a relative path without '..')")
+    if PurePosixPath(name).as_posix() in (MANIFEST_FILE, SIGNATURE_FILE):
+        raise ValueError(f"{name!r} is the manifest or its signature, not a bundle file")
+    return name
 
 
 class _Frozen(BaseModel):
@@ -101,6 +126,11 @@ class VariantSpec(_Frozen):
     output_names: tuple[str, ...] = ("logits",)
     opset: int = Field(ge=7)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("file")
+    @classmethod
+    def _inside(cls, value: str) -> str:
+        return check_file_name(value)
 
 
 class TokenizerSpec(_Frozen):
@@ -216,16 +246,22 @@ class Manifest(_Frozen):
                 if name not in self.files:
                     raise ValueError(f"entities.{key} file {name!r} has no sha256 in files")
         for file, digest in self.files.items():
+            check_file_name(file)
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise ValueError(f"files[{file!r}] is not a lowercase hex sha256")
         return self
 
     def variant(self, precision: str) -> VariantSpec:
+        """The variant of ``precision`` (fp32, int8, fp16).
+
+        Raises:
+            ProviderError: the plugin ships no such variant (the message lists those it offers).
+        """
         for spec in self.variants:
             if spec.precision == precision:
                 return spec
         offered = [v.precision for v in self.variants]
-        raise KeyError(f"no {precision} variant; this plugin offers {offered}")
+        raise ProviderError(f"{self.name}: no {precision} variant; this plugin offers {offered}")
 
     def to_json(self) -> str:
         """Canonical JSON text (sorted keys, 2-space indent): the bytes that get hashed and signed."""
@@ -248,8 +284,19 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
+def _short(value: Any) -> str:
+    # repr of a huge int raises ValueError (Python's int max str digits): describe it instead.
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def parse_manifest(data: bytes | str | dict[str, Any], source: str | Path = MANIFEST_FILE) -> Manifest:
     """Parse manifest JSON (text, bytes or an already-decoded dict) into a :class:`Manifest`.
+
+    JSON text is parsed with limits (at most 1 MiB, nesting depth 64, integers of at most 20 digits, unique
+    keys, no NaN): whatever the bytes, the only error that comes out is :class:`ManifestError`.
 
     Raises:
         ManifestError: naming the file and the offending key.
@@ -257,16 +304,17 @@ def parse_manifest(data: bytes | str | dict[str, Any], source: str | Path = MANI
     if isinstance(data, dict):
         raw: Any = data
     else:
-        try:
-            raw = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ManifestError(f"{source}: not valid JSON ({exc})") from exc
+        size = len(data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data)
+        if size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{source}: {size} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have")
+        raw = load_json(data, source, ManifestError)
     if not isinstance(raw, dict):
         raise ManifestError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     version = raw.get("schema_version")
-    if version != SCHEMA_VERSION:
+    # Exactly the integer 1: True and 1.0 compare equal to 1 but are not a schema version.
+    if type(version) is not int or version != SCHEMA_VERSION:
         raise ManifestError(
-            f"{source}: schema_version is {version!r}, this fhirplug reads schema_version {SCHEMA_VERSION}; "
+            f"{source}: schema_version is {_short(version)}, this fhirplug reads schema_version {SCHEMA_VERSION}; "
             "rebuild the plugin with a matching fhirplug or upgrade fhirplug"
         )
     try:
