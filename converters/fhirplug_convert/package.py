@@ -136,7 +136,8 @@ def _outputs_text(recipe: Recipe) -> str:
         "an assertion (negated, possible, historical, family/other subject; lexicon assertion.json). Coded mentions "
         f"become FHIR resources: {kinds}; a family member's condition becomes a FamilyMemberHistory; negated → "
         "Condition.verificationStatus refuted (MedicationStatement.status not-taken), possible → unconfirmed, "
-        f"historical → clinicalStatus resolved. {reads} The codes in the table are the entity types, not mention codes."
+        f"historical → no clinicalStatus (history is never coded as resolved), onset before the note; hypothetical → "
+        f"nothing written. {reads} The codes in the table are the entity types, not mention codes."
     )
 
 

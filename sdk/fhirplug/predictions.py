@@ -81,6 +81,8 @@ class Entity:
         coding_score: 1.0 for dictionary hits, the cosine similarity for nearest neighbours.
         negated, possible, historical: the assertion (see :mod:`fhirplug._assertion`).
         subject: ``patient``, ``family`` or ``other``.
+        hypothetical: the mention states no fact, only a condition or a plan ("return if chest pain", "should a
+            rash develop", "watch for bleeding"); the writer records nothing for it (see :mod:`fhirplug.fhir.writer`).
         relationship: HL7 v3 RoleCode of the relative for ``family``.
     """
 
@@ -97,6 +99,7 @@ class Entity:
     historical: bool = False
     subject: str = "patient"
     relationship: str | None = None
+    hypothetical: bool = False
 
 
 @dataclass(frozen=True)

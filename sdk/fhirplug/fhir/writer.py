@@ -1,41 +1,85 @@
-"""Predictions out as FHIR R4: one RiskAssessment or Condition per prediction, the Device that made them and
-one Provenance per run, labelled as AI-asserted, as a collection or transaction Bundle or as NDJSON.
+"""Predictions out as FHIR R4: one resource per prediction, the AI Device (and its model card) that made them and
+one Provenance per run, following HL7 AI Transparency on FHIR; as a collection or transaction Bundle or NDJSON.
 
-Entity mentions (token-classification, ``Prediction.entity`` set) become, when coded:
+**What a prediction becomes.** A text-classification prediction becomes the plugin's ``RiskAssessment`` or
+``Condition`` (``verificationStatus`` ``provisional``: a model's reading is a hypothesis for a clinician to confirm).
+An entity mention (token-classification, ``Prediction.entity`` set) is mapped once, here:
 
-- a mention of the patient's condition → ``Condition``: ``verificationStatus`` ``refuted`` when negated,
-  ``unconfirmed`` when possible, ``provisional`` otherwise; historical → ``clinicalStatus`` ``resolved``;
-- a relative's condition → ``FamilyMemberHistory`` (status ``partial``, the relationship as an HL7 v3 RoleCode; a
-  negated one says so in ``condition.note``);
-- a chemical/drug (the plugin's choice, ``MedicationStatement``) → ``MedicationStatement``, status ``unknown``
-  (``not-taken`` when negated, ``completed`` when historical), ``derivedFrom`` → the source;
-- someone else's (``subject`` other) or an uncoded mention → nothing (there is no patient or no code to write).
+============================  ===========================================================================
+assertion of the mention      what is written
+============================  ===========================================================================
+present (the patient's)       ``Condition``: ``clinicalStatus`` active, ``verificationStatus`` provisional
+negated                       ``Condition``: ``verificationStatus`` refuted, no ``clinicalStatus``
+possible / uncertain          ``Condition``: ``verificationStatus`` unconfirmed, ``clinicalStatus`` active
+historical                    ``Condition``: no ``clinicalStatus`` (never ``resolved``), ``onsetPeriod.end`` =
+                              the note's date (else ``onsetString``), ``historical`` in the assertion extension
+hypothetical                  nothing ("return if chest pain" states no fact about the patient)
+family member's               ``FamilyMemberHistory`` (status partial, relationship as v3 RoleCode; negated or
+                              possible said in ``condition.note``)
+someone else's, or uncoded    nothing (no patient, or no code, to write)
+drug (``MedicationStatement``)  status ``unknown``; ``not-taken`` when negated; historical stays ``unknown``
+                              (a past mention does not say the drug was stopped, so not ``completed``)
+============================  ===========================================================================
 
-Each carries the evidence-span extension, the probability (the span's mean token probability) and an assertion
-extension (negated, possible, historical, subject, coding method and score).
+Every Condition has ``category`` ``encounter-diagnosis`` (what one note of one encounter says), which is what
+keeps the FHIR invariants true without claiming what the model does not know:
 
-Resources reference each other as ``ResourceType/id`` (right for NDJSON, where ids are the link); inside a
-Bundle, :func:`to_bundle` rewrites those references to the entries' ``urn:uuid:`` fullUrls, the form servers
-resolve in a transaction and readers resolve in a collection.
+- con-3 (``clinicalStatus`` SHALL be present if ``verificationStatus`` is not entered-in-error and ``category``
+  is problem-list-item): never ``problem-list-item``, so a historical or refuted Condition may go without one;
+- con-4 (if ``abatement[x]`` is present, ``clinicalStatus`` must be inactive, resolved or remission): no
+  ``abatement[x]`` is ever written (a note saying "history of" gives no abatement);
+- con-5 (``clinicalStatus`` SHALL NOT be present if ``verificationStatus`` is entered-in-error): never
+  entered-in-error;
+- ``unconfirmed`` rather than ``provisional`` for "possible": provisional is what every AI suggestion already
+  is, so the note's own uncertainty would be lost; unconfirmed ("not sufficient evidence") keeps it visible.
+
+**AI transparency** (``hl7.fhir.uv.aitransparency`` 1.0.0-ballot): every generated resource has the ``AIAST``
+security label; the Device is an ``AIDevice`` (type Artificial-Intelligence, ``AIKind`` medical-text and
+deep-learning, ``modelCardDescription`` → the card), the plugin's ``README.md`` is an ``AIModelCard``
+DocumentReference (markdown, base64 inline: a bundle has no URL of its own), the Provenance is an
+``AIProvenance`` (reason ``AIAST``, the Device as author with the Artificial-Intelligence role, sources and card
+as entities); each clinical resource carries the calibrated probability in the IG's ``AIconfidence`` extension
+(defined in the IG's continuous build; the ballot has no confidence extension). ``meta.profile`` names each
+profile with its version.
+
+**Ids and references.** Ids are UUIDv5 of what a resource says (source, element, plugin identity, code, span),
+so re-running the same input yields the same resources; only run timestamps (``recorded``, ``recordedDate`` ...)
+differ. Resources reference each other as ``ResourceType/id`` (the NDJSON form); :func:`to_bundle` links a
+Bundle's entries by ``urn:uuid:`` fullUrls. In a ``transaction`` every entry is a conditional create
+(``ifNoneExist`` on the resource's stable identifier): a re-run or a retry creates nothing twice, and never
+overwrites a Condition a clinician has since confirmed or refuted (a ``PUT`` by id would); it also works on
+servers that refuse update-as-create. The Provenance (R4 gives it no identifier) is a plain ``POST``: each run is
+recorded. No output holds a reference that cannot resolve: a reference to neither an entry of the Bundle nor a
+``Type/id`` is left out (the Reference keeps its display) and a warning issue says so.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
 import json
+import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from fhirplug.fhir.outcome import Issue
 from fhirplug.predictions import Prediction, TextSource
 
 __all__ = [
     "AI_ASSERTED",
+    "AI_CONFIDENCE_URL",
+    "AI_DEVICE_PROFILE",
+    "AI_KIND_URL",
+    "AI_MODEL_CARD_PROFILE",
+    "AI_PROVENANCE_PROFILE",
     "ASSERTION_URL",
     "EVIDENCE_SPAN_URL",
-    "PROBABILITY_URL",
+    "MODEL_CARD_URL",
+    "PREDICTION_ID_SYSTEM",
     "ModelInfo",
     "build_resources",
     "to_bundle",
@@ -45,10 +89,8 @@ __all__ = [
 #: Extension: the span of the source text that supports a prediction (sub-extensions source, element, start,
 #: end, snippet; start/end are character offsets into the decoded original text, end exclusive).
 EVIDENCE_SPAN_URL = "https://fhirplug.dev/fhir/StructureDefinition/evidence-span"
-#: Extension on Condition: the calibrated probability (Condition has no element for it).
-PROBABILITY_URL = "https://fhirplug.dev/fhir/StructureDefinition/probability"
 #: Extension on entity resources: the assertion (sub-extensions negated, possible, historical as valueBoolean;
-#: subject as valueCode patient|family|other; coding-method as valueCode; coding-score as valueDecimal).
+#: subject as valueCode patient|family; coding-method as valueCode; coding-score as valueDecimal).
 ASSERTION_URL = "https://fhirplug.dev/fhir/StructureDefinition/assertion"
 #: HL7 AI transparency security label, on every generated resource.
 AI_ASSERTED = {
@@ -56,18 +98,49 @@ AI_ASSERTED = {
     "code": "AIAST",
     "display": "Artificial Intelligence asserted",
 }
+#: Identifier system of every generated clinical resource: the value is its deterministic id (a UUID).
+PREDICTION_ID_SYSTEM = "https://fhirplug.dev/fhir/sid/prediction"
+_IG = "http://hl7.org/fhir/uv/aitransparency"
+_IG_VERSION = "1.0.0-ballot"
+#: AI Transparency on FHIR profiles (pinned to the ballot they follow).
+AI_DEVICE_PROFILE = f"{_IG}/StructureDefinition/AI-Device|{_IG_VERSION}"
+AI_MODEL_CARD_PROFILE = f"{_IG}/StructureDefinition/AI-ModelCard|{_IG_VERSION}"
+AI_PROVENANCE_PROFILE = f"{_IG}/StructureDefinition/AI-Provenance|{_IG_VERSION}"
+#: AI Transparency extensions: the kind of AI (on Device), the Device's model card, the AI's confidence.
+AI_KIND_URL = f"{_IG}/StructureDefinition/aitransparency.AIKind"
+MODEL_CARD_URL = f"{_IG}/StructureDefinition/aitransparency.modelCardDescription"
+AI_CONFIDENCE_URL = f"{_IG}/StructureDefinition/AIconfidence"
+_AI_DEVICE_TYPE = f"{_IG}/CodeSystem/AIdeviceTypeCS"
+_AI_MODEL_CARD_CS = f"{_IG}/CodeSystem/AImodelCardCS"
+
+_URI = "urn:ietf:rfc:3986"
 _VER_STATUS = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+_CLINICAL_STATUS = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+_CONDITION_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
 _PARTICIPANT = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 _DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
-_UNKNOWN_SUBJECT = {"display": "unknown subject (not given in the source)"}
-_CLINICAL_STATUS = "http://terminology.hl7.org/CodeSystem/condition-clinical"
 _ROLE_CODE = "http://terminology.hl7.org/CodeSystem/v3-RoleCode"
+_UNKNOWN_SUBJECT = {"display": "unknown subject (not given in the source)"}
 _VER_DISPLAY = {"refuted": "Refuted", "unconfirmed": "Unconfirmed", "provisional": "Provisional"}
+#: Ids are UUIDv5 in this namespace: the same facts give the same id on every run and every machine.
+_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://fhirplug.dev/fhir")
+_RELATIVE = re.compile(r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}(/_history/[A-Za-z0-9\-.]{1,64})?$")
+_ABSOLUTE = re.compile(r"^https?://\S+/[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}(/_history/[A-Za-z0-9\-.]{1,64})?$")
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """The model that made a run's predictions, as written into the Device and each resource's method."""
+    """The model that made a run's predictions, as written into the Device, its model card and the Provenance.
+
+    Attributes:
+        name, version, manifest_sha256: the plugin's identity (the manifest hash covers every file).
+        task: the task (pipeline tag).
+        variant, provider: what ran this time (precision, execution provider); recorded per run, not on the
+            Device, which every run of the bundle shares.
+        output_resource: "RiskAssessment" or "Condition".
+        model_card: the plugin's model card (its ``README.md``, markdown), written as an AIModelCard
+            DocumentReference that the Device points to; None: no card is written.
+    """
 
     name: str
     version: str
@@ -75,8 +148,12 @@ class ModelInfo:
     task: str
     variant: str
     provider: str
-    #: "RiskAssessment" or "Condition".
     output_resource: str
+    model_card: str | None = None
+
+    @property
+    def identity(self) -> str:
+        return f"{self.name}|{self.version}|{self.manifest_sha256}"
 
 
 def _instant(moment: datetime) -> str:
@@ -85,8 +162,21 @@ def _instant(moment: datetime) -> str:
     return aware.isoformat(timespec="milliseconds")
 
 
-def _meta() -> dict[str, Any]:
-    return {"security": [dict(AI_ASSERTED)]}
+def _uuid(*parts: object) -> str:
+    return str(uuid.uuid5(_NAMESPACE, "\x1f".join(str(p) for p in parts)))
+
+
+def _meta(profile: str | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"profile": [profile]} if profile else {}
+    meta["security"] = [dict(AI_ASSERTED)]
+    return meta
+
+
+def _own_identifier(rid: str) -> list[dict[str, Any]]:
+    # The id as an identifier: what a transaction's ifNoneExist searches for, since a server assigns new ids.
+    # Not "urn:uuid:<id>": that is the entry's fullUrl, and servers (Medplum) rewrite every string equal to a
+    # fullUrl into the new Type/id, identifiers included, so the identifier would never match again.
+    return [{"system": PREDICTION_ID_SYSTEM, "value": rid}]
 
 
 def _evidence(prediction: Prediction) -> dict[str, Any]:
@@ -114,22 +204,43 @@ def _probability(prediction: Prediction) -> float:
     return round(float(prediction.probability), 4)
 
 
-def _context(resource: dict[str, Any], source: TextSource) -> None:
-    resource["subject"] = copy.deepcopy(source.subject) if source.subject else dict(_UNKNOWN_SUBJECT)
+def _confidence(prediction: Prediction) -> dict[str, Any]:
+    return {"url": AI_CONFIDENCE_URL, "valueDecimal": _probability(prediction)}
+
+
+def _prediction_id(p: Prediction, model: ModelInfo, kind: str) -> str:
+    # The span is part of a mention's identity (two mentions of one code in a note are two findings); a
+    # text-classification code is predicted once per text, so source + element + code identify it.
+    span = (p.evidence.start, p.evidence.end) if p.entity is not None else ()
+    return _uuid(kind, p.source.reference, p.source.element, model.identity, p.system, p.code, *span)
+
+
+def _context(resource: dict[str, Any], source: TextSource, canonical: Mapping[str, str]) -> None:
+    subject = copy.deepcopy(source.subject) if source.subject else dict(_UNKNOWN_SUBJECT)
+    resource["subject"] = _canonical(subject, canonical)
     if source.encounter:
-        resource["encounter"] = copy.deepcopy(source.encounter)
+        resource["encounter"] = _canonical(copy.deepcopy(source.encounter), canonical)
 
 
-def _risk_assessment(p: Prediction, model: ModelInfo, device: str, when: str) -> dict[str, Any]:
-    resource: dict[str, Any] = {
-        "resourceType": "RiskAssessment",
-        "id": str(uuid.uuid4()),
-        "meta": _meta(),
-        "extension": [_evidence(p)],
-        "status": "final",
-        "method": {"text": f"fhirplug {model.name} {model.version} ({model.variant}, {model.provider})"},
-    }
-    _context(resource, p.source)
+def _canonical(reference: dict[str, Any], canonical: Mapping[str, str]) -> dict[str, Any]:
+    # A subject known by an input transaction's fullUrl is named Type/id when it has an id (the NDJSON form).
+    target = reference.get("reference")
+    if isinstance(target, str) and target in canonical:
+        reference["reference"] = canonical[target]
+    return reference
+
+
+def _base(p: Prediction, model: ModelInfo, kind: str, extensions: list[dict[str, Any]]) -> dict[str, Any]:
+    rid = _prediction_id(p, model, kind)
+    return {"resourceType": kind, "id": rid, "meta": _meta(), "extension": extensions}
+
+
+def _risk_assessment(p: Prediction, model: ModelInfo, device: str, when: str, c: Mapping[str, str]) -> dict[str, Any]:
+    resource = _base(p, model, "RiskAssessment", [_evidence(p), _confidence(p)])
+    resource["identifier"] = _own_identifier(resource["id"])
+    resource["status"] = "final"
+    resource["method"] = {"text": f"fhirplug {model.name} {model.version} ({model.variant}, {model.provider})"}
+    _context(resource, p.source, c)
     resource.update(
         {
             "occurrenceDateTime": when,
@@ -141,17 +252,20 @@ def _risk_assessment(p: Prediction, model: ModelInfo, device: str, when: str) ->
     return resource
 
 
-def _condition(p: Prediction, when: str) -> dict[str, Any]:
-    resource: dict[str, Any] = {
-        "resourceType": "Condition",
-        "id": str(uuid.uuid4()),
-        "meta": _meta(),
-        "extension": [_evidence(p), {"url": PROBABILITY_URL, "valueDecimal": _probability(p)}],
-        # A model's reading of a note is a hypothesis for a clinician to confirm, never a confirmed diagnosis.
-        "verificationStatus": {"coding": [{"system": _VER_STATUS, "code": "provisional", "display": "Provisional"}]},
-        "code": _concept(p),
-    }
-    _context(resource, p.source)
+def _status(system: str, code: str, display: str) -> dict[str, Any]:
+    return {"coding": [{"system": system, "code": code, "display": display}]}
+
+
+_ENCOUNTER_DIAGNOSIS = [_status(_CONDITION_CATEGORY, "encounter-diagnosis", "Encounter Diagnosis")]
+
+
+def _condition(p: Prediction, model: ModelInfo, when: str, c: Mapping[str, str]) -> dict[str, Any]:
+    resource = _base(p, model, "Condition", [_evidence(p), _confidence(p)])
+    resource["identifier"] = _own_identifier(resource["id"])
+    resource["verificationStatus"] = _status(_VER_STATUS, "provisional", "Provisional")
+    resource["category"] = copy.deepcopy(_ENCOUNTER_DIAGNOSIS)
+    resource["code"] = _concept(p)
+    _context(resource, p.source, c)
     resource["recordedDate"] = when
     resource["evidence"] = [{"detail": [{"reference": p.source.reference}]}]
     return resource
@@ -174,66 +288,68 @@ def _assertion(p: Prediction) -> dict[str, Any]:
 
 
 def _entity_extensions(p: Prediction) -> list[dict[str, Any]]:
-    return [_evidence(p), {"url": PROBABILITY_URL, "valueDecimal": _probability(p)}, _assertion(p)]
+    return [_evidence(p), _confidence(p), _assertion(p)]
 
 
-def _entity_condition(p: Prediction, when: str) -> dict[str, Any]:
+def _entity_condition(p: Prediction, model: ModelInfo, when: str, c: Mapping[str, str]) -> dict[str, Any]:
     entity = p.entity
     assert entity is not None
     status = "refuted" if entity.negated else "unconfirmed" if entity.possible else "provisional"
-    resource: dict[str, Any] = {
-        "resourceType": "Condition",
-        "id": str(uuid.uuid4()),
-        "meta": _meta(),
-        "extension": _entity_extensions(p),
-    }
-    if entity.historical and not entity.negated:
-        resource["clinicalStatus"] = {
-            "coding": [{"system": _CLINICAL_STATUS, "code": "resolved", "display": "Resolved"}]
-        }
-    resource["verificationStatus"] = {
-        "coding": [{"system": _VER_STATUS, "code": status, "display": _VER_DISPLAY[status]}]
-    }
+    resource = _base(p, model, "Condition", _entity_extensions(p))
+    resource["identifier"] = _own_identifier(resource["id"])
+    # "History of X" says X began before the note, not that it ended (diabetes does not resolve): the clinical
+    # status is then unknown and left out; a present, non-negated mention is active as the note tells it.
+    if not entity.negated and not entity.historical:
+        resource["clinicalStatus"] = _status(_CLINICAL_STATUS, "active", "Active")
+    resource["verificationStatus"] = _status(_VER_STATUS, status, _VER_DISPLAY[status])
+    resource["category"] = copy.deepcopy(_ENCOUNTER_DIAGNOSIS)
     resource["code"] = _concept(p)
-    _context(resource, p.source)
+    _context(resource, p.source, c)
+    if entity.historical and not entity.negated:
+        if p.source.date:
+            resource["onsetPeriod"] = {"end": p.source.date}
+        else:
+            resource["onsetString"] = "before the note (stated as history)"
     resource["recordedDate"] = when
     resource["evidence"] = [{"detail": [{"reference": p.source.reference}]}]
     return resource
 
 
-def _family_member_history(p: Prediction, when: str) -> dict[str, Any]:
+def _family_member_history(p: Prediction, model: ModelInfo, when: str, c: Mapping[str, str]) -> dict[str, Any]:
     entity = p.entity
     assert entity is not None
     relation = entity.relationship or "FAMMEMB"
     condition: dict[str, Any] = {"code": _concept(p)}
+    # R4 FamilyMemberHistory.condition has no negation or certainty element: the note carries it for readers.
     if entity.negated:
         condition["note"] = [{"text": "Stated as absent in the source text (negated)."}]
-    return {
-        "resourceType": "FamilyMemberHistory",
-        "id": str(uuid.uuid4()),
-        "meta": _meta(),
-        "extension": _entity_extensions(p),
-        "status": "partial",
-        "patient": copy.deepcopy(p.source.subject) if p.source.subject else dict(_UNKNOWN_SUBJECT),
-        "date": when,
-        "relationship": {"coding": [{"system": _ROLE_CODE, "code": relation}]},
-        "condition": [condition],
-    }
+    elif entity.possible:
+        condition["note"] = [{"text": "Stated as possible in the source text (uncertain)."}]
+    resource = _base(p, model, "FamilyMemberHistory", _entity_extensions(p))
+    patient = copy.deepcopy(p.source.subject) if p.source.subject else dict(_UNKNOWN_SUBJECT)
+    resource.update(
+        {
+            "identifier": _own_identifier(resource["id"]),
+            "status": "partial",
+            "patient": _canonical(patient, c),
+            "date": when,
+            "relationship": {"coding": [{"system": _ROLE_CODE, "code": relation}]},
+            "condition": [condition],
+        }
+    )
+    return resource
 
 
-def _medication_statement(p: Prediction, when: str) -> dict[str, Any]:
+def _medication_statement(p: Prediction, model: ModelInfo, when: str, c: Mapping[str, str]) -> dict[str, Any]:
     entity = p.entity
     assert entity is not None
-    status = "not-taken" if entity.negated else "completed" if entity.historical else "unknown"
-    resource: dict[str, Any] = {
-        "resourceType": "MedicationStatement",
-        "id": str(uuid.uuid4()),
-        "meta": _meta(),
-        "extension": _entity_extensions(p),
-        "status": status,
-        "medicationCodeableConcept": _concept(p),
-    }
-    _context(resource, p.source)
+    # A historical mention ("was on warfarin", "history of aspirin use") does not say the drug was stopped.
+    status = "not-taken" if entity.negated else "unknown"
+    resource = _base(p, model, "MedicationStatement", _entity_extensions(p))
+    resource["identifier"] = _own_identifier(resource["id"])
+    resource["status"] = status
+    resource["medicationCodeableConcept"] = _concept(p)
+    _context(resource, p.source, c)
     if "encounter" in resource:  # MedicationStatement names it context
         resource["context"] = resource.pop("encounter")
     resource["dateAsserted"] = when
@@ -241,33 +357,127 @@ def _medication_statement(p: Prediction, when: str) -> dict[str, Any]:
     return resource
 
 
-def _entity_resource(p: Prediction, when: str) -> dict[str, Any] | None:
+def _entity_resource(p: Prediction, model: ModelInfo, when: str, c: Mapping[str, str]) -> dict[str, Any] | None:
     entity = p.entity
     assert entity is not None
-    if not entity.coded or not p.code or entity.subject == "other":
+    # A hypothetical mention is not asserted at all; FHIR has no "not asserted" status, and any Condition (even
+    # refuted or unconfirmed) would surface in problem-list queries, so nothing is written.
+    if not entity.coded or not p.code or entity.subject == "other" or entity.hypothetical:
         return None
     if entity.subject == "family":
-        return _family_member_history(p, when)
+        return _family_member_history(p, model, when, c)
     if entity.resource == "MedicationStatement":
-        return _medication_statement(p, when)
-    return _entity_condition(p, when)
+        return _medication_statement(p, model, when, c)
+    return _entity_condition(p, model, when, c)
 
 
-def _device(model: ModelInfo) -> dict[str, Any]:
+def _device_id(model: ModelInfo) -> str:
+    return _uuid("Device", model.manifest_sha256)
+
+
+def _model_card(model: ModelInfo, card: str) -> dict[str, Any]:
+    data = card.encode("utf-8")
+    rid = _uuid("DocumentReference", "model-card", model.manifest_sha256)
     return {
-        "resourceType": "Device",
-        "id": str(uuid.uuid4()),
-        "meta": _meta(),
-        "identifier": [{"system": "urn:ietf:rfc:3986", "value": f"urn:sha256:{model.manifest_sha256}"}],
-        "status": "active",
-        "deviceName": [{"name": model.name, "type": "model-name"}],
-        "type": {"text": f"fhirplug plugin ({model.task})"},
-        "version": [{"value": model.version}],
-        "property": [
-            {"type": {"text": "model variant"}, "valueCode": [{"text": model.variant}]},
-            {"type": {"text": "execution provider"}, "valueCode": [{"text": model.provider}]},
+        "resourceType": "DocumentReference",
+        "id": rid,
+        # The card is the plugin author's document, not something the AI asserted: no AIAST label.
+        "meta": {"profile": [AI_MODEL_CARD_PROFILE]},
+        "masterIdentifier": {"system": _URI, "value": f"urn:sha256:{hashlib.sha256(data).hexdigest()}"},
+        # The manifest hash names the bundle the card describes (the manifest holds the card's own hash).
+        "identifier": [{"system": _URI, "value": f"urn:sha256:{model.manifest_sha256}"}],
+        "status": "current",
+        "type": {"coding": [{"system": _AI_MODEL_CARD_CS, "code": "AIModelCard", "display": "AI Model-Card"}]},
+        # The ballot's AIModelCard requires the AIInputPrompt category (slice "AImodelCard", 1..*) next to the
+        # format; the IG's continuous build drops it. Both are written so the ballot profile is met.
+        "category": [
+            {"coding": [{"system": _AI_MODEL_CARD_CS, "code": "AIInputPrompt", "display": "AI Input Prompt"}]},
+            {
+                "coding": [
+                    {"system": _AI_MODEL_CARD_CS, "code": "AImodelCardMarkdownFormat", "display": "Markdown Format"}
+                ]
+            },
+        ],
+        "description": f"Model card of fhirplug plugin {model.name} {model.version}",
+        "content": [
+            {
+                "attachment": {
+                    "contentType": "text/markdown",
+                    "data": base64.b64encode(data).decode("ascii"),
+                    "size": len(data),
+                    # R4 Attachment.hash is the base64 SHA-1 of the data.
+                    "hash": base64.b64encode(hashlib.sha1(data).digest()).decode("ascii"),
+                    "title": "README.md",
+                }
+            }
         ],
     }
+
+
+def _device(model: ModelInfo, card_ref: str | None) -> dict[str, Any]:
+    extensions: list[dict[str, Any]] = [
+        {"url": AI_KIND_URL, "valueCodeableConcept": _status(_AI_DEVICE_TYPE, code, display)}
+        for code, display in (
+            ("AI-for-Medical-Text-Data", "AI for Medical Text Data"),
+            ("Deep-Learning-Models", "Deep Learning Models"),
+        )
+    ]
+    if card_ref:
+        extensions.append({"url": MODEL_CARD_URL, "valueReference": {"reference": card_ref}})
+    return {
+        "resourceType": "Device",
+        "id": _device_id(model),
+        "meta": _meta(AI_DEVICE_PROFILE),
+        "extension": extensions,
+        "identifier": [{"system": _URI, "value": f"urn:sha256:{model.manifest_sha256}"}],
+        "status": "active",
+        "deviceName": [{"name": model.name, "type": "model-name"}],
+        # The IG fixes Device.type to exactly this coding (no display, no text), so the task goes to property.
+        "type": {"coding": [{"system": _AI_DEVICE_TYPE, "code": "Artificial-Intelligence"}]},
+        "version": [{"value": model.version}],
+        "property": [{"type": {"text": "fhirplug task"}, "valueCode": [{"text": model.task}]}],
+    }
+
+
+def _provenance(
+    outputs: Sequence[dict[str, Any]], used: Sequence[str], model: ModelInfo, when: str, card_ref: str | None
+) -> dict[str, Any]:
+    targets = [f"{r['resourceType']}/{r['id']}" for r in outputs]
+    entities: list[dict[str, Any]] = [{"role": "source", "what": {"reference": ref}} for ref in used]
+    if card_ref:
+        entities.append({"role": "derivation", "what": {"reference": card_ref}})
+    return {
+        "resourceType": "Provenance",
+        "id": _uuid("Provenance", model.identity, *sorted(targets)),
+        "meta": _meta(AI_PROVENANCE_PROFILE),
+        "target": [{"reference": t} for t in targets],
+        "recorded": when,
+        "reason": [{"coding": [dict(AI_ASSERTED)]}],
+        "activity": {
+            "coding": [{"system": _DATA_OPERATION, "code": "CREATE", "display": "create"}],
+            "text": f"fhirplug predict: {model.name} {model.version}, {model.variant} variant on {model.provider}",
+        },
+        "agent": [
+            {
+                "type": _status(_PARTICIPANT, "author", "Author"),
+                "role": [{"coding": [{"system": _AI_DEVICE_TYPE, "code": "Artificial-Intelligence"}]}],
+                "who": {
+                    "reference": f"Device/{_device_id(model)}",
+                    "display": f"fhirplug {model.name} {model.version}",
+                },
+            }
+        ],
+        "entity": entities,
+    }
+
+
+def _canonical_names(inputs: Mapping[str, Mapping[str, Any]] | None) -> dict[str, str]:
+    names: dict[str, str] = {}
+    for full_url, resource in (inputs or {}).items():
+        rid, rt = resource.get("id"), resource.get("resourceType")
+        if isinstance(rid, str) and rid and isinstance(rt, str):
+            names[full_url] = f"{rt}/{rid}"
+    return names
 
 
 def build_resources(
@@ -276,18 +486,22 @@ def build_resources(
     model: ModelInfo,
     *,
     recorded: datetime | None = None,
+    inputs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """FHIR R4 resources for one run's predictions.
 
     Args:
-        predictions: what the model said; one output resource each.
+        predictions: what the model said; one output resource each (entity mentions: see the module table).
         sources: every text the run read; each distinct reference becomes a Provenance entity.
-        model: the model, written into the Device.
+        model: the model, written into the Device (and its model card when ``model.model_card`` is set).
         recorded: when the run happened (default: now, UTC); naive datetimes are taken as UTC.
+        inputs: the resources of an unsent input transaction, by fullUrl (see :func:`to_bundle`); a subject or
+            encounter named by such a fullUrl is written as ``Type/id`` when that resource has an id.
 
     Returns:
-        The ``model.output_resource`` resources in prediction order, then the Device, then the Provenance;
-        an empty list when there are no predictions, or none to write (a Provenance needs a target).
+        The outputs in prediction order, then the model card (if any), the Device and the Provenance; an empty
+        list when there are no predictions, or none to write (a Provenance needs a target). Ids are
+        deterministic: the same predictions of the same plugin give the same resources, ``recorded`` aside.
 
     Raises:
         ValueError: ``model.output_resource`` is neither RiskAssessment nor Condition.
@@ -297,37 +511,29 @@ def build_resources(
     if not predictions:
         return []
     when = _instant(recorded or datetime.now(UTC))
-    device = _device(model)
-    device_ref = f"Device/{device['id']}"
-    outputs = []
+    canonical = _canonical_names(inputs)
+    device_ref = f"Device/{_device_id(model)}"
+    outputs: dict[str, dict[str, Any]] = {}
     for p in predictions:
         if p.entity is not None:
-            written = _entity_resource(p, when)
-            if written is not None:
-                outputs.append(written)
+            written = _entity_resource(p, model, when, canonical)
         elif model.output_resource == "RiskAssessment":
-            outputs.append(_risk_assessment(p, model, device_ref, when))
+            written = _risk_assessment(p, model, device_ref, when, canonical)
         else:
-            outputs.append(_condition(p, when))
-    if not outputs:  # only uncoded or someone else's mentions: nothing to write, and a Provenance needs a target
+            written = _condition(p, model, when, canonical)
+        if written is not None:
+            # The same finding twice (same source, code and span) is one resource, not two entries with one id.
+            outputs.setdefault(f"{written['resourceType']}/{written['id']}", written)
+    if not outputs:  # only uncoded, hypothetical or someone else's mentions: a Provenance needs a target
         return []
+    card = _model_card(model, model.model_card) if model.model_card else None
+    card_ref = f"DocumentReference/{card['id']}" if card else None
     used = list(dict.fromkeys([s.reference for s in sources] + [p.source.reference for p in predictions]))
-    provenance = {
-        "resourceType": "Provenance",
-        "id": str(uuid.uuid4()),
-        "meta": _meta(),
-        "target": [{"reference": f"{r['resourceType']}/{r['id']}"} for r in outputs],
-        "recorded": when,
-        "activity": {"coding": [{"system": _DATA_OPERATION, "code": "CREATE", "display": "create"}]},
-        "agent": [
-            {
-                "type": {"coding": [{"system": _PARTICIPANT, "code": "author", "display": "Author"}]},
-                "who": {"reference": device_ref, "display": f"fhirplug {model.name} {model.version}"},
-            }
-        ],
-        "entity": [{"role": "source", "what": {"reference": ref}} for ref in used],
-    }
-    return [*outputs, device, provenance]
+    written_outputs = list(outputs.values())
+    support = [card] if card else []
+    device = _device(model, card_ref)
+    provenance = _provenance(written_outputs, [canonical.get(u, u) for u in used], model, when, card_ref)
+    return [*written_outputs, *support, device, provenance]
 
 
 def _is_uuid(value: str) -> bool:
@@ -337,49 +543,166 @@ def _is_uuid(value: str) -> bool:
         return False
 
 
-def _relink(value: Any, urls: Mapping[str, str]) -> Any:
+def _references(value: Any) -> Iterator[str]:
     if isinstance(value, dict):
-        out = {k: _relink(v, urls) for k, v in value.items()}
-        target = out.get("reference")
-        if isinstance(target, str) and target in urls:
-            out["reference"] = urls[target]
-        return out
-    if isinstance(value, list):
-        return [_relink(v, urls) for v in value]
-    return value
+        target = value.get("reference")
+        if isinstance(target, str):
+            yield target
+        for v in value.values():
+            yield from _references(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _references(v)
+
+
+class _Linker:
+    """Rewrites references to entry fullUrls and leaves out, with a warning, those that cannot resolve."""
+
+    def __init__(self, urls: Mapping[str, str], full_urls: set[str], warnings: list[Issue] | None) -> None:
+        self.urls = urls
+        self.full_urls = full_urls
+        self.warnings = warnings
+
+    def resolves(self, target: str) -> bool:
+        # Relative Type/id (and absolute server URLs) name resources a server has; urn: and #contained do not,
+        # unless an entry of this Bundle has that fullUrl.
+        return target in self.full_urls or bool(_RELATIVE.match(target) or _ABSOLUTE.match(target))
+
+    def link(self, value: Any, path: str) -> Any:
+        if isinstance(value, dict):
+            out = {k: self.link(v, f"{path}.{k}") for k, v in value.items()}
+            target = out.get("reference")
+            if isinstance(target, str):
+                target = self.urls.get(target, target)
+                if self.resolves(target):
+                    out["reference"] = target
+                else:
+                    del out["reference"]
+                    # A Reference with a display only is valid everywhere a Reference is, and says what it was.
+                    out.setdefault("display", f"not stored here: {target}")
+                    if self.warnings is not None:
+                        self.warnings.append(
+                            Issue(
+                                "warning",
+                                "not-found",
+                                f"reference {target!r} names no entry of this output and no resource a server "
+                                "has; it was left out (the Reference keeps a display). Expected Type/id or an "
+                                "entry's fullUrl; to keep it, pass the input transaction's resources as inputs",
+                                (path,),
+                            )
+                        )
+            return out
+        if isinstance(value, list):
+            return [self.link(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return value
+
+
+def _condition_query(resource: Mapping[str, Any]) -> str | None:
+    for identifier in resource.get("identifier", []) if isinstance(resource.get("identifier"), list) else []:
+        if isinstance(identifier, Mapping) and identifier.get("system") and identifier.get("value"):
+            return f"identifier={identifier['system']}|{identifier['value']}"
+    return None
+
+
+def _unique(resources: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    # Runs merged into one Bundle share their Device and card: one entry each (bdl-7: fullUrls are unique).
+    seen: dict[str, Mapping[str, Any]] = {}
+    out: list[Mapping[str, Any]] = []
+    for resource in resources:
+        key = f"{resource.get('resourceType')}/{resource.get('id')}" if resource.get("id") else f"#{len(out)}"
+        if key not in seen:
+            seen[key] = resource
+            out.append(resource)
+    return out
+
+
+def _included_inputs(
+    resources: Sequence[Mapping[str, Any]], inputs: Mapping[str, Mapping[str, Any]]
+) -> tuple[list[str], dict[str, str]]:
+    """The input fullUrls the outputs need (transitively), and each input's names (fullUrl, Type/id) → fullUrl."""
+    names: dict[str, str] = {}
+    for full_url, resource in inputs.items():
+        names[full_url] = full_url
+        rid, rt = resource.get("id"), resource.get("resourceType")
+        if isinstance(rid, str) and rid and isinstance(rt, str):
+            names.setdefault(f"{rt}/{rid}", full_url)
+    needed: dict[str, None] = {}
+    pending = [ref for r in resources for ref in _references(r)]
+    while pending:
+        found = names.get(pending.pop(0))
+        if found is not None and found not in needed:
+            needed[found] = None
+            pending.extend(_references(inputs[found]))
+    # In input order: the transaction reads as the input did, notes before what was said about them.
+    return [u for u in inputs if u in needed], names
 
 
 def to_bundle(
-    resources: Sequence[Mapping[str, Any]], kind: Literal["collection", "transaction"] = "collection"
+    resources: Sequence[Mapping[str, Any]],
+    kind: Literal["collection", "transaction"] = "collection",
+    *,
+    inputs: Mapping[str, Mapping[str, Any]] | None = None,
+    warnings: list[Issue] | None = None,
 ) -> dict[str, Any]:
     """Wrap resources in a Bundle whose entries reference each other by ``urn:uuid:`` fullUrls.
 
     Args:
         resources: resources with ``resourceType`` and ``id`` (those of :func:`build_resources`); the inputs
-            are not changed.
-        kind: ``collection`` (a document of results, with a timestamp) or ``transaction`` (each entry a
-            ``POST``, ready to send to a FHIR server, which assigns its own ids).
+            are not changed; a resource given twice (same type and id) is written once.
+        kind: ``collection`` (a document of results, with a timestamp) or ``transaction`` (ready to POST to a
+            FHIR server: each entry a conditional create on its identifier, see the module docstring).
+        inputs: for a ``transaction``: the resources of an unsent input transaction (those its ``POST`` entries
+            would create), by fullUrl. Those the outputs refer to (by fullUrl or ``Type/id``), and those they
+            refer to in turn, are written into the transaction with the same fullUrl (``POST``, ``ifNoneExist``
+            on their first identifier), so one POST stores notes and predictions together.
+        warnings: issues are appended here for every reference left out because it could not resolve.
 
     Returns:
-        The Bundle JSON.
+        The Bundle JSON: every ``reference`` in it is an entry's fullUrl or a ``Type/id`` (or absolute URL).
     """
+    unique = _unique(resources)
     urls: dict[str, str] = {}
     full_urls: list[str] = []
-    for resource in resources:
+    for resource in unique:
         rid = str(resource.get("id", ""))
-        full_url = f"urn:uuid:{rid.lower()}" if _is_uuid(rid) else f"urn:uuid:{uuid.uuid4()}"
+        full_url = f"urn:uuid:{rid.lower()}" if _is_uuid(rid) else f"urn:uuid:{_uuid(resource['resourceType'], rid)}"
         full_urls.append(full_url)
         if rid:
             urls[f"{resource['resourceType']}/{rid}"] = full_url
-    entries = []
-    for resource, full_url in zip(resources, full_urls, strict=True):
-        entry: dict[str, Any] = {"fullUrl": full_url, "resource": _relink(dict(resource), urls)}
+    included: list[str] = []
+    if kind == "transaction" and inputs:
+        included, names = _included_inputs(unique, inputs)
+        kept = set(included)
+        urls.update({name: url for name, url in names.items() if url in kept})
+    linker = _Linker(urls, {*full_urls, *included}, warnings)
+    entries: list[dict[str, Any]] = []
+    for full_url in included:
+        resource = inputs[full_url] if inputs else {}
+        i = len(entries)
+        entry: dict[str, Any] = {
+            "fullUrl": full_url,
+            "resource": linker.link(copy.deepcopy(dict(resource)), f"Bundle.entry[{i}].resource"),
+        }
+        request: dict[str, Any] = {"method": "POST", "url": resource["resourceType"]}
+        query = _condition_query(resource)
+        if query:
+            request["ifNoneExist"] = query
+        entry["request"] = request
+        entries.append(entry)
+    for resource, full_url in zip(unique, full_urls, strict=True):
+        i = len(entries)
+        entry = {"fullUrl": full_url, "resource": linker.link(dict(resource), f"Bundle.entry[{i}].resource")}
         if kind == "transaction":
-            entry["request"] = {"method": "POST", "url": resource["resourceType"]}
+            request = {"method": "POST", "url": resource["resourceType"]}
+            query = _condition_query(resource)
+            if query:  # the Provenance has no identifier in R4: each run's is recorded
+                request["ifNoneExist"] = query
+            entry["request"] = request
         entries.append(entry)
     bundle: dict[str, Any] = {
         "resourceType": "Bundle",
-        "id": str(uuid.uuid4()),
+        # Deterministic too: the same entries make the same Bundle (only its timestamp says when).
+        "id": _uuid("Bundle", kind, *(e["fullUrl"] for e in entries)),
         "type": kind,
         "timestamp": _instant(datetime.now(UTC)),
     }
@@ -388,6 +711,15 @@ def to_bundle(
     return bundle
 
 
-def to_ndjson(resources: Sequence[Mapping[str, Any]]) -> str:
-    """Resources as NDJSON (one compact JSON object a line, UTF-8 text kept as is); "" when there are none."""
-    return "".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in resources)
+def to_ndjson(resources: Sequence[Mapping[str, Any]], *, warnings: list[Issue] | None = None) -> str:
+    """Resources as NDJSON (one compact JSON object a line, UTF-8 text kept as is); "" when there are none.
+
+    In NDJSON ids are the links: a reference that is not ``Type/id`` (or an absolute URL) cannot resolve, so it
+    is left out (the Reference keeps a display) and an issue appended to ``warnings``.
+    """
+    linker = _Linker({}, set(), warnings)
+    lines = []
+    for i, resource in enumerate(_unique(resources)):
+        linked = linker.link(dict(resource), f"{resource.get('resourceType', 'Resource')}[{i}]")
+        lines.append(json.dumps(linked, ensure_ascii=False, separators=(",", ":")) + "\n")
+    return "".join(lines)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -11,17 +14,17 @@ import numpy as np
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
-from fhirplug.fhir.reader import read_fhir
 from fhirplug.fhir.writer import (
     AI_ASSERTED,
+    AI_CONFIDENCE_URL,
     EVIDENCE_SPAN_URL,
-    PROBABILITY_URL,
+    PREDICTION_ID_SYSTEM,
     ModelInfo,
     build_resources,
     to_bundle,
     to_ndjson,
 )
-from fhirplug.predictions import Evidence, Prediction, TextSource
+from fhirplug.predictions import Entity, Evidence, Prediction, TextSource
 
 FIXTURES = Path(__file__).parents[2] / "fixtures" / "fhir"
 RECORDED = datetime(2024, 5, 1, 12, 30, tzinfo=UTC)
@@ -32,11 +35,30 @@ def model(output: str = "RiskAssessment") -> ModelInfo:
 
 
 def sources() -> list[TextSource]:
-    result = read_fhir(
-        [json.loads((FIXTURES / name).read_text()) for name in ("documentreference-plain.json", "observation.json")],
-        resource_types=("DocumentReference", "Observation"),
-    )
-    return result.sources
+    # Built from the fixtures directly (as the reader would): the writer is tested on its own.
+    note = json.loads((FIXTURES / "documentreference-plain.json").read_text())
+    text = base64.b64decode(note["content"][0]["attachment"]["data"]).decode()
+    obs = json.loads((FIXTURES / "observation.json").read_text())
+    return [
+        TextSource(
+            "DocumentReference/note-plain",
+            "DocumentReference",
+            "DocumentReference.content[0].attachment",
+            text,
+            text,
+            subject=note["subject"],
+            encounter=note["context"]["encounter"][0],
+            date=note["date"],
+        ),
+        TextSource(
+            "Observation/obs-smoking",
+            "Observation",
+            "Observation.valueString",
+            obs["valueString"],
+            obs["valueString"],
+            subject=obs["subject"],
+        ),
+    ]
 
 
 def predict(source: TextSource, words: str, probability: float = 0.876543) -> Prediction:
@@ -109,6 +131,8 @@ def test_condition_fields_and_missing_subject() -> None:
     )
     validate(condition)
     assert condition["verificationStatus"]["coding"][0]["code"] == "provisional"
+    assert condition["category"][0]["coding"][0]["code"] == "encounter-diagnosis"
+    assert condition["identifier"] == [{"system": PREDICTION_ID_SYSTEM, "value": condition["id"]}]
     assert condition["verificationStatus"]["coding"][0]["system"] == (
         "http://terminology.hl7.org/CodeSystem/condition-ver-status"
     )
@@ -117,7 +141,7 @@ def test_condition_fields_and_missing_subject() -> None:
     assert "encounter" not in condition
     assert condition["evidence"] == [{"detail": [{"reference": "Observation/o1"}]}]
     assert condition["recordedDate"] == "2024-05-01T12:30:00.000+00:00"
-    (probability,) = [e for e in condition["extension"] if e["url"] == PROBABILITY_URL]
+    (probability,) = [e for e in condition["extension"] if e["url"] == AI_CONFIDENCE_URL]
     assert probability["valueDecimal"] == 0.1235 and type(probability["valueDecimal"]) is float
     assert (evidence_of(condition)["start"], evidence_of(condition)["end"]) == (7, 13)
     json.dumps(condition)  # numpy scalars would not serialise
@@ -126,13 +150,22 @@ def test_condition_fields_and_missing_subject() -> None:
 def test_device_and_provenance() -> None:
     texts = sources()
     # Two predictions from one note and none from the Observation's note: every text read is an entity, once.
-    predictions = [predict(texts[0], "chest tightness"), predict(texts[0], "stable angina")]
+    predictions = [predict(texts[0], "chest tightness"), replace(predict(texts[0], "stable angina"), code="194828000")]
     *outputs, device, provenance = build_resources(predictions, texts, model(), recorded=RECORDED)
     assert device["identifier"] == [{"system": "urn:ietf:rfc:3986", "value": "urn:sha256:" + "ab" * 32}]
     assert device["deviceName"] == [{"name": "notes-cardio", "type": "model-name"}]
     assert device["version"] == [{"value": "1.4.0"}]
-    assert device["type"] == {"text": "fhirplug plugin (text-classification)"}
-    assert {p["valueCode"][0]["text"] for p in device["property"]} == {"int8", "CPUExecutionProvider"}
+    assert device["type"] == {
+        "coding": [
+            {
+                "system": "http://hl7.org/fhir/uv/aitransparency/CodeSystem/AIdeviceTypeCS",
+                "code": "Artificial-Intelligence",
+            }
+        ]
+    }
+    assert [p["valueCode"][0]["text"] for p in device["property"]] == ["text-classification"]
+    # What ran this time is the run's, not the shared Device's: it is in the Provenance.
+    assert "int8 variant on CPUExecutionProvider" in provenance["activity"]["text"]
     assert provenance["target"] == [{"reference": f"RiskAssessment/{r['id']}"} for r in outputs]
     assert provenance["recorded"] == "2024-05-01T12:30:00.000+00:00"
     (agent,) = provenance["agent"]
@@ -158,9 +191,13 @@ def test_transaction_bundle_links_by_urn_uuid_and_leaves_inputs_alone() -> None:
     assert bundle["type"] == "transaction"
     entries = bundle["entry"]
     assert [e["request"] for e in entries] == [
-        {"method": "POST", "url": "RiskAssessment"},
-        {"method": "POST", "url": "Device"},
-        {"method": "POST", "url": "Provenance"},
+        {
+            "method": "POST",
+            "url": "RiskAssessment",
+            "ifNoneExist": f"identifier={PREDICTION_ID_SYSTEM}|{resources[0]['id']}",
+        },
+        {"method": "POST", "url": "Device", "ifNoneExist": "identifier=urn:ietf:rfc:3986|urn:sha256:" + "ab" * 32},
+        {"method": "POST", "url": "Provenance"},  # R4 Provenance has no identifier: each run is recorded
     ]
     full_urls = [e["fullUrl"] for e in entries]
     assert full_urls == [f"urn:uuid:{r['id']}" for r in resources]
@@ -207,3 +244,251 @@ def test_unknown_output_resource_is_a_programming_error() -> None:
     plain = sources()[0]
     with pytest.raises(ValueError, match="Observation"):
         build_resources([predict(plain, "chest")], [plain], model("Observation"))
+
+
+# ---- references that resolve, re-runs that repeat, assertions that mean what they say -------------------------
+
+EXAMPLE = Path(__file__).parents[3] / "plugins/medical-abstracts-mesh/examples/03-bundle-gastro-cardio.json"
+MESH = "https://www.nlm.nih.gov/mesh"
+
+
+def unsent(bundle: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What the reader hands the writer for an input transaction: its POST entries' resources, by fullUrl."""
+    return {e["fullUrl"]: e["resource"] for e in bundle["entry"] if e.get("request", {}).get("method") == "POST"}
+
+
+def example_sources() -> tuple[dict[str, dict[str, Any]], list[TextSource]]:
+    inputs = unsent(json.loads(EXAMPLE.read_text()))
+    crohn = inputs["urn:uuid:6f1c2a52-2b1e-4c3e-9a51-0c6a1d1e0002"]
+    report = inputs["urn:uuid:6f1c2a52-2b1e-4c3e-9a51-0c6a1d1e0003"]
+    text = base64.b64decode(crohn["content"][0]["attachment"]["data"]).decode()
+    element = "DocumentReference.content[0].attachment"
+    return inputs, [
+        TextSource(
+            "DocumentReference/abstract-crohn", "DocumentReference", element, text, text, subject=crohn["subject"]
+        ),
+        TextSource(
+            "DiagnosticReport/report-infarction",
+            "DiagnosticReport",
+            "DiagnosticReport.conclusion",
+            report["conclusion"],
+            report["conclusion"],
+            subject=report["subject"],
+        ),
+    ]
+
+
+def mesh(source: TextSource, words: str, code: str, entity: Entity | None = None) -> Prediction:
+    start = source.text.index(words)
+    evidence = Evidence(source.reference, source.element, start, start + len(words), words)
+    return Prediction(source, code, MESH, code, words, 0.8125, evidence, entity=entity)
+
+
+def unresolved(bundle: dict[str, Any]) -> list[str]:
+    full_urls = {e["fullUrl"] for e in bundle.get("entry", [])}
+    found = []
+    for i, entry in enumerate(bundle.get("entry", [])):
+        for path, ref in _refs(entry["resource"], f"entry[{i}]"):
+            if ref not in full_urls and not re.fullmatch(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}", ref):
+                found.append(f"{path}: {ref}")
+            # A Type/id of a resource the Bundle itself creates would miss it: the server gives it a new id.
+            if ref.split("/")[-1] in {e["resource"].get("id") for e in bundle["entry"]} and ref not in full_urls:
+                found.append(f"{path}: {ref} (an entry of this Bundle, named by its old id)")
+    return found
+
+
+def _refs(value: Any, path: str) -> list[tuple[str, str]]:
+    if isinstance(value, dict):
+        own = [(path, value["reference"])] if isinstance(value.get("reference"), str) else []
+        return own + [r for k, v in value.items() for r in _refs(v, f"{path}.{k}")]
+    if isinstance(value, list):
+        return [r for i, v in enumerate(value) for r in _refs(v, f"{path}[{i}]")]
+    return []
+
+
+def test_the_shipped_transaction_example_has_no_unresolved_reference() -> None:
+    inputs, texts = example_sources()
+    predictions = [mesh(texts[0], "Crohn's disease", "D003424"), mesh(texts[1], "myocardial infarction", "D009203")]
+    info = model("Condition")
+    resources = build_resources(predictions, texts, info, recorded=RECORDED, inputs=inputs)
+    # Without the input transaction's resources the Patient (urn:uuid:...0001) is nowhere: left out, with a warning.
+    warned: list[Any] = []
+    alone = to_bundle(build_resources(predictions, texts, info, recorded=RECORDED), "transaction", warnings=warned)
+    assert unresolved(alone) == []
+    assert alone["entry"][0]["resource"]["subject"] == {
+        "display": "not stored here: urn:uuid:6f1c2a52-2b1e-4c3e-9a51-0c6a1d1e0001"
+    }
+    assert [(w.severity, w.code, w.expression) for w in warned] == [
+        ("warning", "not-found", ("Bundle.entry[0].resource.subject",)),
+        ("warning", "not-found", ("Bundle.entry[1].resource.subject",)),
+    ]
+    # With them, one POST stores the notes, their patient and what was said about them.
+    warnings: list[Any] = []
+    bundle = to_bundle(resources, "transaction", inputs=inputs, warnings=warnings)
+    validate(bundle)
+    assert warnings == []
+    assert unresolved(bundle) == []
+    entries = bundle["entry"]
+    patient_url = "urn:uuid:6f1c2a52-2b1e-4c3e-9a51-0c6a1d1e0001"
+    assert [e["fullUrl"] for e in entries[:3]] == [
+        patient_url,
+        *(f"urn:uuid:6f1c2a52-2b1e-4c3e-9a51-0c6a1d1e000{i}" for i in (2, 3)),
+    ]
+    # The unread PDF DocumentReference (entry 4 of the input) is not needed, so it is not sent.
+    assert "urn:uuid:6f1c2a52-2b1e-4c3e-9a51-0c6a1d1e0004" not in {e["fullUrl"] for e in entries}
+    assert all(e["request"]["method"] == "POST" for e in entries)
+    crohn, infarction = (e["resource"] for e in entries[3:5])
+    assert crohn["subject"] == infarction["subject"] == {"reference": patient_url}
+    assert crohn["evidence"] == [{"detail": [{"reference": "urn:uuid:6f1c2a52-2b1e-4c3e-9a51-0c6a1d1e0002"}]}]
+    provenance = entries[-1]["resource"]
+    assert {e["what"]["reference"] for e in provenance["entity"]} == {
+        "urn:uuid:6f1c2a52-2b1e-4c3e-9a51-0c6a1d1e0002",
+        "urn:uuid:6f1c2a52-2b1e-4c3e-9a51-0c6a1d1e0003",
+    }
+    # In NDJSON the same resources link by Type/id: the patient the source names has an id.
+    assert crohn["code"]["coding"][0]["code"] == "D003424"
+    (first, *_) = [json.loads(line) for line in to_ndjson(resources).splitlines()]
+    assert first["subject"] == {"reference": "Patient/demo-3"}
+
+
+def test_a_reference_that_cannot_resolve_is_left_out_with_a_warning() -> None:
+    orphan = TextSource(
+        "urn:uuid:0b8c4d7e-0000-4000-8000-000000000001",
+        "Observation",
+        "Observation.valueString",
+        "angina",
+        "angina",
+        subject={"reference": "#patient-contained", "display": "Bo"},
+    )
+    resources = build_resources([predict(orphan, "angina")], [orphan], model("Condition"), recorded=RECORDED)
+    warnings: list[Any] = []
+    line = json.loads(to_ndjson(resources, warnings=warnings).splitlines()[0])
+    assert line["subject"] == {"display": "Bo"}
+    assert line["evidence"] == [
+        {"detail": [{"display": "not stored here: urn:uuid:0b8c4d7e-0000-4000-8000-000000000001"}]}
+    ]
+    assert {w.expression[0] for w in warnings} >= {"Condition[0].subject", "Condition[0].evidence[0].detail[0]"}
+    assert all(w.severity == "warning" and w.code == "not-found" for w in warnings)
+    bundle = to_bundle(resources, "transaction", warnings=[])
+    validate(bundle)
+    assert unresolved(bundle) == []
+
+
+def without_run_times(value: Any) -> Any:
+    if isinstance(value, dict):
+        times = {"recorded", "recordedDate", "occurrenceDateTime", "date", "dateAsserted", "timestamp"}
+        return {k: without_run_times(v) for k, v in value.items() if k not in times}
+    if isinstance(value, list):
+        return [without_run_times(v) for v in value]
+    return value
+
+
+def test_a_second_identical_run_writes_the_same_resources() -> None:
+    texts = sources()
+    predictions = [predict(texts[0], "chest tightness"), replace(predict(texts[1], "quit 2015"), code="8517006")]
+    first = build_resources(predictions, texts, model(), recorded=RECORDED)
+    again = build_resources(predictions, texts, model(), recorded=datetime(2025, 2, 3, 4, 5, 6, tzinfo=UTC))
+    assert first != again  # the run time differs ...
+    assert json.dumps(without_run_times(first)) == json.dumps(without_run_times(again))  # ... and nothing else
+    b1, b2 = (to_bundle(r, "transaction") for r in (first, again))
+    assert json.dumps(without_run_times(b1)) == json.dumps(without_run_times(b2))
+    device = [e for e in b1["entry"] if e["resource"]["resourceType"] == "Device"]
+    assert [e["request"]["ifNoneExist"] for e in device] == ["identifier=urn:ietf:rfc:3986|urn:sha256:" + "ab" * 32]
+    # Another plugin build (version, so manifest hash) is another Device and other resources.
+    rebuilt = replace(model(), version="1.5.0", manifest_sha256="cd" * 32)
+    other = build_resources(predictions, texts, rebuilt, recorded=RECORDED)
+    assert not {r["id"] for r in first} & {r["id"] for r in other}
+    # Two runs merged into one Bundle share the Device: it is written once.
+    merged = to_bundle([*first, *build_resources(predictions[:1], texts, model(), recorded=RECORDED)])
+    assert [e["resource"]["resourceType"] for e in merged["entry"]].count("Device") == 1
+    assert len({e["fullUrl"] for e in merged["entry"]}) == len(merged["entry"])
+
+
+def mention(source: TextSource, words: str, code: str, **assertion: Any) -> Prediction:
+    start = source.text.index(words)
+    resource = assertion.pop("resource", "Condition")
+    entity = Entity("Disease", words, start, start + len(words), resource, True, "exact", 1.0, **assertion)
+    return mesh(source, words, code, entity)
+
+
+NOTE = (
+    "Past medical history: type 2 diabetes and hypertension. No chest pain. Possible pneumonia. "
+    "Mother has breast cancer. Return if fever develops. Was on warfarin. No aspirin."
+)
+
+
+def note_source() -> TextSource:
+    return TextSource(
+        "DocumentReference/n1",
+        "DocumentReference",
+        "DocumentReference.content[0].attachment",
+        NOTE,
+        NOTE,
+        subject={"reference": "Patient/p1"},
+        date="2024-03-05",
+    )
+
+
+def entity_resources() -> dict[str, dict[str, Any]]:
+    note = note_source()
+    predictions = [
+        mention(note, "type 2 diabetes", "D003924", historical=True),
+        mention(note, "hypertension", "D006973", historical=True),
+        mention(note, "chest pain", "D002637", negated=True),
+        mention(note, "pneumonia", "D011014", possible=True),
+        mention(note, "breast cancer", "D001943", subject="family", relationship="MTH"),
+        mention(note, "fever", "D005334", hypothetical=True),
+        mention(note, "warfarin", "D014859", historical=True, resource="MedicationStatement"),
+        mention(note, "aspirin", "D001241", negated=True, resource="MedicationStatement"),
+    ]
+    resources = build_resources(predictions, [note], model("Condition"), recorded=RECORDED)
+    for resource in resources:
+        validate(resource)
+    return (
+        {r["code"]["coding"][0]["code"]: r for r in resources if r["resourceType"] == "Condition"}
+        | {
+            r["medicationCodeableConcept"]["coding"][0]["code"]: r
+            for r in resources
+            if r["resourceType"] == "MedicationStatement"
+        }
+        | {"family": next(r for r in resources if r["resourceType"] == "FamilyMemberHistory")}
+        | {"provenance": resources[-1]}
+    )
+
+
+def code_of(concept: dict[str, Any] | None) -> str | None:
+    return concept["coding"][0]["code"] if concept else None
+
+
+def test_history_is_never_resolved_and_hypothetical_is_not_asserted() -> None:
+    got = entity_resources()
+    for code in ("D003924", "D006973"):  # "Past medical history: type 2 diabetes and hypertension"
+        history = got[code]
+        assert code_of(history.get("clinicalStatus")) != "resolved"
+        assert "clinicalStatus" not in history and "abatementDateTime" not in history
+        assert code_of(history["verificationStatus"]) == "provisional"
+        assert history["onsetPeriod"] == {"end": "2024-03-05"}  # began before the note
+    assert "D005334" not in got  # "return if fever develops": no resource at all
+    assert len(got["provenance"]["target"]) == 7
+    assert code_of(got["D002637"]["verificationStatus"]) == "refuted" and "clinicalStatus" not in got["D002637"]
+    assert code_of(got["D011014"]["verificationStatus"]) == "unconfirmed"
+    assert code_of(got["D011014"]["clinicalStatus"]) == "active"
+    family = got["family"]
+    assert family["relationship"]["coding"][0]["code"] == "MTH" and family["patient"] == {"reference": "Patient/p1"}
+    assert got["D014859"]["status"] == "unknown"  # "was on warfarin" does not say it was stopped
+    assert got["D001241"]["status"] == "not-taken"
+
+
+def test_conditions_keep_the_r4_invariants() -> None:
+    for resource in entity_resources().values():
+        if resource["resourceType"] != "Condition":
+            continue
+        ver = code_of(resource.get("verificationStatus"))
+        categories = {c["coding"][0]["code"] for c in resource.get("category", [])}
+        assert categories == {"encounter-diagnosis"}
+        # con-3: problem-list-item (never written) would need clinicalStatus
+        assert "problem-list-item" not in categories or "clinicalStatus" in resource
+        # con-4: abatement only with an inactive clinical status (no abatement is written)
+        assert not any(k.startswith("abatement") for k in resource)
+        # con-5: no clinicalStatus when entered-in-error (never written)
+        assert ver != "entered-in-error"
