@@ -35,3 +35,23 @@ def tiny_plugin():
     from fhirplug import load_plugin
 
     return load_plugin(TINY_PLUGIN, allow_unsigned=True, variant="fp32", provider="cpu")
+
+
+@pytest.fixture(scope="session")
+def fhir_server():
+    """A real FHIR R4 server (Medplum's FhirRouter, in memory) on 127.0.0.1 for the whole session.
+
+    Yields the :class:`tests.fhir_tools.FhirServer`; its ``base`` is the URL, ``new_base()`` an empty server of
+    its own. Installs tests/fhir_node's pinned npm packages first when they are missing; skips without node.
+    """
+    from tests.fhir_tools import FhirServer
+
+    server = FhirServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fhir_base(fhir_server) -> str:
+    """The base URL of an empty FHIR server for one test (same process as ``fhir_server``, separate data)."""
+    return fhir_server.new_base()
