@@ -1,21 +1,37 @@
-"""Assertion of entity mentions: negated, possible, historical, and whose condition it is (ConText/NegEx style).
+"""Assertion of entity mentions: negated, possible, historical, hypothetical, and whose condition it is
+(ConText/NegEx style).
 
 The algorithm (after NegEx, Chapman et al. 2001, and ConText, Harkema et al. 2009), on character offsets:
 
 1. Split the text into sentences (``.``, ``!``, ``?``, ``;`` before whitespace, and line breaks).
 2. In each sentence, find the lexicon's phrases (case-insensitive, on word boundaries, longest match first, no
    overlaps): triggers, pseudo-triggers (phrases that contain a trigger but are none: "no change", "gram
-   negative") and terminators ("but", "however", "except"...). Phrases inside an entity mention are ignored.
-3. A *forward* trigger's scope runs from its end to the next terminator, pseudo-trigger or trigger (triggers
-   right next to it, "has no history of", are passed over), or the end of the sentence; a *backward* trigger's
-   scope runs back to the previous one, or the sentence start.
-   ``max_scope_words`` (0: unlimited) caps a scope's length in words.
-4. A mention whose start lies in a scope takes the trigger's categories.
+   negative", "even if") and terminators ("but", "however", "except"...), some of which end only the scopes of
+   certain categories (ConText's termination terms are per category: "diagnosed with" ends a negation or a
+   history, not "mother ... diagnosed with"). Phrases inside an entity mention are ignored.
+3. A *forward* trigger's scope runs from its end to the next terminator (of all categories, or of the one in
+   question), pseudo-trigger or trigger, or the end of the sentence. Triggers right next to it, or with only
+   ``a``/``an``/``any``/``the`` between ("has no history of", "denies any history of"), are passed over and
+   chained to it. A *backward* trigger's scope runs back to the previous such phrase, or the sentence start.
+   A hypothetical scope also runs over experiencer triggers ("if her mother's test shows ..."): a condition
+   may name anyone, and the experiencer trigger says whose it is. ``max_scope_words`` (0: unlimited) caps a
+   scope's length in words.
+4. A mention whose start lies in a scope takes the trigger's categories. A negation chained with a history
+   ("no prior history of", "denies history of") says the condition never was: negated, not historical.
+
+The categories: *negated* (absent: "no fever"), *possible* (the note's own uncertainty: "possible pneumonia",
+"rule out", "cannot be excluded"), *historical* (a past condition: "history of", "years ago"; history is not
+absence, so never negated by itself), *hypothetical* (ConText's hypothetical temporality: a condition, an
+instruction or a plan, no fact: "return if chest pain recurs", "should she develop a rash", "watch for
+bleeding", "as needed for pain") and the experiencer, *family* (a relative's, with its HL7 v3 RoleCode) or
+*other* (someone else's: "her roommate has influenza"). Uncertainty about what is there now is *possible*;
+something that may or may not happen later is *hypothetical*.
 
 The lexicon is a JSON file (``fhirplug/data/assertion.json`` by default; a plugin ships its own, and a caller can
-pass another): ``triggers`` by category (``negated``, ``possible``, ``historical``, ``family``, ``other``;
-``a+b`` names a trigger with two categories) and direction (``forward``, ``backward``), ``pseudo``,
-``terminators``, ``max_scope_words`` and ``family_relationships`` (trigger → HL7 v3 RoleCode).
+pass another): ``triggers`` by category (``negated``, ``possible``, ``historical``, ``hypothetical``, ``family``,
+``other``; ``a+b`` names a trigger with two categories) and direction (``forward``, ``backward``), ``pseudo``,
+``terminators`` (ending every scope), ``category_terminators`` (category → phrases ending that category's scopes
+only), ``max_scope_words`` and ``family_relationships`` (trigger → HL7 v3 RoleCode).
 """
 
 from __future__ import annotations
@@ -33,9 +49,13 @@ from fhirplug.errors import FhirplugError, TaskError, UsageError
 __all__ = ["DEFAULT_LEXICON", "Assertion", "Lexicon", "assert_spans", "sentences"]
 
 DEFAULT_LEXICON = Path(__file__).parent / "data" / "assertion.json"
-CATEGORIES = ("negated", "possible", "historical", "family", "other")
+CATEGORIES = ("negated", "possible", "historical", "hypothetical", "family", "other")
 _SENTENCE_END = re.compile(r"[.!?;](?=\s|$)|\n")
 _WORD = re.compile(r"\w+")
+#: What may stand between two chained triggers: "denies any history of", "has no history of".
+_CHAIN_GAP = re.compile(r"\s*(?:(?:a|an|any|the)\s+)*", re.IGNORECASE)
+#: Experiencer categories, which a hypothetical scope runs over.
+_EXPERIENCER = frozenset({"family", "other"})
 
 
 @dataclass(frozen=True)
@@ -49,6 +69,8 @@ class Assertion:
     subject: str = "patient"
     #: HL7 v3 RoleCode of the relative (``MTH``, ``FAMMEMB`` ...) when ``subject`` is ``family``.
     relationship: str | None = None
+    #: A condition, instruction or plan rather than a fact ("return if chest pain recurs"): nothing is asserted.
+    hypothetical: bool = False
     #: The trigger phrases that applied, as ``category:phrase``.
     triggers: tuple[str, ...] = ()
 
@@ -57,6 +79,7 @@ class Assertion:
             "negated": self.negated,
             "possible": self.possible,
             "historical": self.historical,
+            "hypothetical": self.hypothetical,
             "subject": self.subject,
             "relationship": self.relationship,
             "triggers": list(self.triggers),
@@ -66,7 +89,7 @@ class Assertion:
 @dataclass(frozen=True)
 class _Phrase:
     text: str
-    kind: str  # trigger | pseudo | terminator
+    kind: str  # trigger | pseudo | terminator (every category) | category-terminator (``categories`` only)
     categories: tuple[str, ...] = ()
     directions: tuple[str, ...] = ()
 
@@ -143,6 +166,7 @@ LEXICON_KEYS = (
     "triggers",
     "pseudo",
     "terminators",
+    "category_terminators",
     "max_scope_words",
     "family_relationships",
 )
@@ -206,9 +230,25 @@ def _parse(data: Any, source: str, error: type[FhirplugError]) -> Lexicon:
         _Phrase(text, "trigger", tuple(sorted(cats)), tuple(sorted(dirs))) for text, (cats, dirs) in merged.items()
     ]
     phrases += [_Phrase(p, "pseudo") for p in _phrases(data.get("pseudo", []), f"{source}: pseudo", error)]
-    phrases += [
-        _Phrase(p, "terminator") for p in _phrases(data.get("terminators", []), f"{source}: terminators", error)
-    ]
+    terminators = _phrases(data.get("terminators", []), f"{source}: terminators", error)
+    phrases += [_Phrase(p, "terminator") for p in terminators]
+    by_category = data.get("category_terminators", {})
+    if not isinstance(by_category, Mapping):
+        raise error(f"{source}: category_terminators: expected an object of category → phrases")
+    scoped: dict[str, set[str]] = {}
+    for name, listed in by_category.items():
+        if name not in CATEGORIES:
+            raise error(f"{source}: category_terminators.{name}: unknown assertion category; known: {list(CATEGORIES)}")
+        for phrase in _phrases(listed, f"{source}: category_terminators.{name}", error):
+            scoped.setdefault(phrase, set()).add(str(name))
+    taken = {p.text for p in phrases}
+    clash = sorted(p for p in scoped if p in taken)
+    if clash:
+        raise error(
+            f"{source}: category_terminators: {clash} already listed as a trigger, pseudo-trigger or terminator; "
+            "a phrase has one role"
+        )
+    phrases += [_Phrase(p, "category-terminator", tuple(sorted(cats))) for p, cats in scoped.items()]
     return Lexicon(tuple(phrases), scope, {k.lower(): v for k, v in relationships.items()}, source)
 
 
@@ -245,6 +285,15 @@ def _limit(text: str, start: int, end: int, words: int, forward: bool) -> tuple[
     return (start, found[words - 1].end()) if forward else (found[-words].start(), end)
 
 
+def _ends(phrase: _Phrase, category: str) -> bool:
+    """Whether ``phrase`` ends a scope of ``category``."""
+    if phrase.kind == "category-terminator":
+        return category in phrase.categories
+    if phrase.kind == "trigger" and category == "hypothetical":
+        return not set(phrase.categories) <= _EXPERIENCER
+    return True
+
+
 def assert_spans(text: str, spans: Sequence[tuple[int, int]], lexicon: Lexicon | None = None) -> list[Assertion]:
     """The assertion of each ``[start, end)`` mention of ``text``, in input order.
 
@@ -276,25 +325,40 @@ def assert_spans(text: str, spans: Sequence[tuple[int, int]], lexicon: Lexicon |
         if not any(p.kind == "trigger" for _, _, p in found):
             continue
         cats: dict[int, dict[str, str]] = {i: {} for i in members}
+        never: set[int] = set()  # history triggers chained after a negation: "no prior history of"
         for k, (a, b, phrase) in enumerate(found):
             if phrase.kind != "trigger":
                 continue
-            scopes = []
-            if "forward" in phrase.directions:
-                # The scope runs on through triggers that follow with nothing between ("has no history of").
-                nxt, edge = k + 1, b
-                while nxt < len(found) and found[nxt][2].kind == "trigger" and not text[edge : found[nxt][0]].strip():
-                    edge = found[nxt][1]
-                    nxt += 1
-                stop = found[nxt][0] if nxt < len(found) else s_end
-                scopes.append(_limit(text, b, stop, lexicon.max_scope_words, True))
-            if "backward" in phrase.directions:
-                begin = found[k - 1][1] if k > 0 else s_start
-                scopes.append(_limit(text, begin, a, lexicon.max_scope_words, False))
-            for i in members:
-                start = spans[i][0]
-                if any(lo <= start < hi for lo, hi in scopes):
-                    for category in phrase.categories:
+            # The scope runs on through triggers that follow with (almost) nothing between ("has no history of").
+            chained, edge = k + 1, b
+            while (
+                chained < len(found)
+                and found[chained][2].kind == "trigger"
+                and _CHAIN_GAP.fullmatch(text, edge, found[chained][0])
+            ):
+                if "negated" in phrase.categories and "forward" in phrase.directions:
+                    never.add(chained)
+                edge = found[chained][1]
+                chained += 1
+            for category in phrase.categories:
+                if category == "historical" and k in never:
+                    continue
+                scopes = []
+                if "forward" in phrase.directions:
+                    nxt = chained
+                    while nxt < len(found) and not _ends(found[nxt][2], category):
+                        nxt += 1
+                    stop = found[nxt][0] if nxt < len(found) else s_end
+                    scopes.append(_limit(text, b, stop, lexicon.max_scope_words, True))
+                if "backward" in phrase.directions:
+                    prev = k - 1
+                    while prev >= 0 and not _ends(found[prev][2], category):
+                        prev -= 1
+                    begin = found[prev][1] if prev >= 0 else s_start
+                    scopes.append(_limit(text, begin, a, lexicon.max_scope_words, False))
+                for i in members:
+                    start = spans[i][0]
+                    if any(lo <= start < hi for lo, hi in scopes):
                         cats[i].setdefault(category, phrase.text)
         for i in members:
             got = cats[i]
@@ -310,6 +374,7 @@ def assert_spans(text: str, spans: Sequence[tuple[int, int]], lexicon: Lexicon |
                 historical="historical" in got,
                 subject=subject,
                 relationship=relationship,
+                hypothetical="hypothetical" in got,
                 triggers=tuple(f"{c}:{p}" for c, p in sorted(got.items())),
             )
     return results
