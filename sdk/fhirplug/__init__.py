@@ -33,6 +33,7 @@ from fhirplug.errors import (
 __version__ = "0.1.0"
 
 _LAZY = {
+    "Budget": "fhirplug._budget",
     "load_plugin": "fhirplug.plugin",
     "Plugin": "fhirplug.plugin",
     "PredictionResult": "fhirplug.plugin",
@@ -50,6 +51,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "Budget",
     "ConvertError",
     "Evidence",
     "FhirplugError",
@@ -67,8 +69,8 @@ __all__ = [
     "ProviderError",
     "SignatureError",
     "TaskError",
-    "UsageError",
     "TextSource",
+    "UsageError",
     "__version__",
     "available_providers",
     "discover_plugins",
@@ -80,6 +82,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from fhirplug._budget import Budget
     from fhirplug.bundle import verify_bundle
     from fhirplug.fhir.outcome import Issue, operation_outcome
     from fhirplug.fhir.reader import read_fhir

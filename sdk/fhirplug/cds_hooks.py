@@ -10,6 +10,11 @@ Input problems come back as an ``OperationOutcome`` in the card-less response's 
 a request that cannot be read gets HTTP 400 with an OperationOutcome. The service never fetches from a FHIR
 server: a request without prefetch for the plugin is answered 412 with what it needs.
 
+Each request is held to the plugin's :class:`~fhirplug.Budget`: a body over ``max_request_bytes`` is answered
+413 without being read; texts over the request's character or window budget become too-costly warning cards
+while the texts before them are predicted. A failure inside the service is answered 500 with an
+OperationOutcome, never a dropped connection.
+
 Run it with ``fhirplug serve PLUGIN...``; embed it with :func:`make_server`.
 """
 
@@ -23,14 +28,15 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from fhirplug._budget import DEFAULT_BUDGET
 from fhirplug.fhir.outcome import Issue, operation_outcome
-from fhirplug.fhir.writer import build_resources
+from fhirplug.fhir.writer import AI_MODEL_CARD_PROFILE, build_resources
 from fhirplug.plugin import Plugin, PredictionResult
 
 __all__ = ["CdsService", "make_server", "serve_cards", "serve_in_thread"]
 
-#: The largest request body accepted (bytes); bigger requests get 413.
-MAX_BODY = 50 * 1024 * 1024
+#: The largest request body accepted by default (bytes; ``Budget.max_request_bytes``); bigger requests get 413.
+MAX_BODY = DEFAULT_BUDGET.max_request_bytes
 
 
 class CdsService:
@@ -101,9 +107,15 @@ def serve_cards(plugin: Plugin, result: PredictionResult, min_probability: float
             }
         )
     # The suggestion records what the cards show.
-    resources = build_resources(shown, result.sources, result.model, recorded=result.recorded)
+    resources = build_resources(shown, result.sources, result.model, recorded=result.recorded, inputs=result.inputs)
     if resources:
-        outputs = [r for r in resources if r["resourceType"] not in ("Device", "Provenance")]
+        # The codings: not the Device, its model card (an AIModelCard DocumentReference) or the Provenance.
+        outputs = [
+            r
+            for r in resources
+            if r["resourceType"] not in ("Device", "Provenance")
+            and AI_MODEL_CARD_PROFILE not in r.get("meta", {}).get("profile", [])
+        ]
         cards.append(
             {
                 "uuid": str(uuid.uuid4()),
@@ -154,8 +166,8 @@ def make_server(services: Sequence[CdsService], host: str = "127.0.0.1", port: i
         def log_message(self, format: str, *args: Any) -> None:
             return  # quiet by default; the CLI prints one line per request itself
 
-        def _send(self, status: int, body: Mapping[str, Any]) -> None:
-            data = json.dumps(body).encode("utf-8")
+        def _send(self, status: int, body: Mapping[str, Any] | bytes) -> None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -182,22 +194,38 @@ def make_server(services: Sequence[CdsService], host: str = "127.0.0.1", port: i
             if service is None:
                 self._send(*_error(HTTPStatus.NOT_FOUND, "not-found", f"no CDS service at {self.path}"))
                 return
+            limit = service.plugin.budget.max_request_bytes
             try:
                 length = int(self.headers.get("Content-Length") or 0)
             except ValueError:
                 length = -1
-            if length < 0 or length > MAX_BODY:
-                self._send(*_error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "too-long", f"body over {MAX_BODY} bytes"))
+            if length < 0 or length > limit:
+                # Answered before reading: the unread body must not be taken for the next request.
+                self.close_connection = True
+                message = (
+                    f"the request body is {length:,} bytes, over the budget of {limit:,} (max_request_bytes); "
+                    "send fewer resources per request, or raise it: fhirplug serve --max-request-bytes N"
+                )
+                if length < 0:
+                    message = "the Content-Length header is not a number"
+                self._send(*_error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "too-costly", message))
                 return
             try:
                 request = json.loads(self.rfile.read(length) or b"null")
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
                 self._send(*_error(HTTPStatus.BAD_REQUEST, "structure", f"the request is not JSON: {exc}"))
                 return
             if not isinstance(request, dict):
                 self._send(*_error(HTTPStatus.BAD_REQUEST, "structure", "the request must be a JSON object"))
                 return
-            self._send(*service.respond(request))
+            try:
+                status, body = service.respond(request)
+                data = json.dumps(body).encode("utf-8")  # a body that cannot be sent fails here, inside
+            except Exception as exc:  # the connection always gets an answer
+                message = f"the service failed on this request ({type(exc).__name__}: {exc})"[:500]
+                self._send(*_error(HTTPStatus.INTERNAL_SERVER_ERROR, "exception", message))
+                return
+            self._send(status, data)
 
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True

@@ -11,6 +11,7 @@ available · 6 a missing extra · 7 convert failed (bad recipe or data, parity g
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from functools import wraps
@@ -52,13 +53,14 @@ def _load_options(func: F) -> F:
             "trusted_keys",
             multiple=True,
             type=click.Path(exists=True, dir_okay=False),
-            help="PEM ed25519 public key a signed plugin must verify with (repeatable).",
+            help="PEM ed25519 public key the plugin must be signed with (repeatable). Given any, an unsigned "
+            "plugin or one signed by another key is refused.",
         ),
         click.option(
             "--allow-unsigned",
             is_flag=True,
-            envvar="FHIRPLUG_ALLOW_UNSIGNED",
-            help="Accept a plugin without a signature (its file hashes are still checked).",
+            help="Accept an unsigned plugin from a source you trust (its file hashes are still checked). "
+            "First-party plugins need no flag: fhirplug ships their pins. Cannot weaken --trusted-key.",
         ),
         click.option(
             "--provider",
@@ -76,9 +78,36 @@ def _load_options(func: F) -> F:
         ),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads."),
     ]
+    func = _trust_policy(func)
     for option in reversed(options):
         func = option(func)
     return func
+
+
+#: No longer read. An environment variable that downgrades trust does so silently, for every process that
+#: inherits it (CI jobs, containers, shells): the choice to load an unsigned plugin belongs on the command line.
+_ALLOW_UNSIGNED_ENV = "FHIRPLUG_ALLOW_UNSIGNED"
+
+
+def _trust_policy(func: F) -> F:
+    """Refuse --allow-unsigned beside --trusted-key, and say so when the retired env var is still set."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("trusted_keys") and kwargs.get("allow_unsigned"):
+            raise click.UsageError(
+                "--allow-unsigned cannot be combined with --trusted-key: a trust list requires a signature by one "
+                "of its keys, and an unsigned plugin is refused whatever else is set; drop one of the two"
+            )
+        if os.environ.get(_ALLOW_UNSIGNED_ENV):
+            click.echo(
+                f"warning: {_ALLOW_UNSIGNED_ENV} is set but no longer read (it would downgrade trust for every "
+                "process); pass --allow-unsigned on the command line for an unsigned plugin you trust",
+                err=True,
+            )
+        return func(*args, **kwargs)
+
+    return cast(F, wrapper)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -114,21 +143,20 @@ def verify(
     variant: str,
     threads: int | None,
 ) -> None:
-    """Check every file's sha256, the signature, and that the model loads and matches its manifest."""
-    from fhirplug.plugin import load_plugin
+    """Check every file's sha256, how the plugin is trusted, and that the model loads and matches its manifest.
 
-    loaded = load_plugin(
-        plugin,
-        trusted_keys=trusted_keys,
-        allow_unsigned=allow_unsigned,
-        provider=provider,
-        variant=variant,
-        threads=threads,
-    )
+    Trust is a signature by a --trusted-key, the pin fhirplug ships for a first-party plugin, or --allow-unsigned;
+    the output says which.
+    """
+    from fhirplug.bundle import verify_bundle
+    from fhirplug.plugin import Plugin
+    from fhirplug.registry import resolve_plugin
+
+    bundle = verify_bundle(resolve_plugin(plugin), trusted_keys=trusted_keys, allow_unsigned=allow_unsigned)
+    loaded = Plugin(bundle, provider=provider, variant=variant, threads=threads)
     files = len(loaded.manifest.files) + len(loaded.manifest.variants)
-    signature = f"signed by key {loaded.signed_by}" if loaded.signed_by else "unsigned (allowed)"
     click.echo(
-        f"OK {loaded.name} {loaded.manifest.version}: {files} files match their sha256; {signature}; "
+        f"OK {loaded.name} {loaded.manifest.version}: {files} files match their sha256; trusted: {bundle.trust}; "
         f"loads {loaded.variant} on {loaded.provider}; manifest sha256 {loaded.manifest_sha256}"
     )
 
@@ -144,6 +172,50 @@ def _read_inputs(inputs: Sequence[str]) -> list[tuple[str, bytes]]:
         except OSError as exc:
             raise InputError(f"{name}: cannot read the input file ({exc.strerror})") from exc
     return out
+
+
+def _budget_options(func: F) -> F:
+    """The :class:`~fhirplug.Budget` flags ``predict`` and ``serve`` share (defaults: ``Budget()``'s)."""
+    from fhirplug._budget import DEFAULT_BUDGET as D
+
+    options = [
+        click.option(
+            "--max-chars",
+            type=click.IntRange(min=1),
+            default=None,
+            help=f"Longest text read from one element (default {D.max_chars:,} characters); longer ones are "
+            "reported as too-costly.",
+        ),
+        click.option(
+            "--max-input-chars",
+            type=click.IntRange(min=1),
+            default=None,
+            help=f"Total characters of the texts of one input or request (default {D.max_input_chars:,}); "
+            "texts past it are reported, the ones before predicted.",
+        ),
+        click.option(
+            "--max-input-windows",
+            type=click.IntRange(min=1),
+            default=None,
+            help=f"Total model windows of one input or request (default {D.max_input_windows:,}).",
+        ),
+        click.option(
+            "--max-windows-in-flight",
+            type=click.IntRange(min=1),
+            default=None,
+            help=f"Tokenized windows all requests together hold at once (default {D.max_windows_in_flight:,}).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _budget_from(**given: int | None) -> Any:
+    """A Budget from the flags given (the rest keep their defaults)."""
+    from fhirplug._budget import Budget
+
+    return Budget(**{name: value for name, value in given.items() if value is not None})
 
 
 @main.command()
@@ -163,12 +235,7 @@ def _read_inputs(inputs: Sequence[str]) -> list[tuple[str, bytes]]:
     type=click.Path(dir_okay=False, writable=True),
     help="Also write the OperationOutcome (all issues) as JSON here.",
 )
-@click.option(
-    "--max-chars",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Longest text read from one element (default 1,000,000 characters); longer ones are reported.",
-)
+@_budget_options
 @_load_options
 @_translate
 def predict(
@@ -178,6 +245,9 @@ def predict(
     output: str | None,
     outcome: str | None,
     max_chars: int | None,
+    max_input_chars: int | None,
+    max_input_windows: int | None,
+    max_windows_in_flight: int | None,
     trusted_keys: Sequence[str],
     allow_unsigned: bool,
     provider: str,
@@ -188,10 +258,18 @@ def predict(
 
     Writes the generated resources (RiskAssessment or Condition per prediction, a Device and one Provenance).
     Problems in the input are reported on stderr as OperationOutcome issues and give exit code 4; every good
-    resource is still predicted and written.
+    resource is still predicted and written. The budget (--max-*) holds for all INPUTS together: texts past it
+    are reported as too-costly and the ones before are predicted.
     """
     from fhirplug.fhir.outcome import Issue
-    from fhirplug.plugin import DEFAULT_MAX_CHARS, load_plugin
+    from fhirplug.plugin import load_plugin
+
+    budget = _budget_from(
+        max_chars=max_chars,
+        max_input_chars=max_input_chars,
+        max_input_windows=max_input_windows,
+        max_windows_in_flight=max_windows_in_flight,
+    )
 
     loaded = load_plugin(
         plugin,
@@ -200,7 +278,7 @@ def predict(
         provider=provider,
         variant=variant,
         threads=threads,
-        max_chars=max_chars or DEFAULT_MAX_CHARS,
+        budget=budget,
     )
     result = loaded.predict_many(_read_inputs(inputs))
     if fmt == "ndjson":
@@ -240,6 +318,13 @@ def predict(
     help="Leave predictions below this probability off the cards and out of the record suggestion "
     "(the plugin's thresholds apply first).",
 )
+@click.option(
+    "--max-request-bytes",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Largest request body (default 50 MiB); a larger one is answered 413 without being read.",
+)
+@_budget_options
 @_load_options
 @_translate
 def serve(
@@ -248,6 +333,11 @@ def serve(
     port: int,
     hook: str,
     min_probability: float,
+    max_request_bytes: int | None,
+    max_chars: int | None,
+    max_input_chars: int | None,
+    max_input_windows: int | None,
+    max_windows_in_flight: int | None,
     trusted_keys: Sequence[str],
     allow_unsigned: bool,
     provider: str,
@@ -258,9 +348,18 @@ def serve(
 
     Each request's prefetch (FHIR resources or searchset Bundles) is predicted; the response holds a card per coded
     prediction and a card whose suggestion creates the AI-labelled FHIR resources with their Provenance.
+    Each request is held to the budget (--max-*): texts past it come back as too-costly warning cards.
     """
     from fhirplug.cds_hooks import CdsService, make_server
     from fhirplug.plugin import load_plugin
+
+    budget = _budget_from(
+        max_request_bytes=max_request_bytes,
+        max_chars=max_chars,
+        max_input_chars=max_input_chars,
+        max_input_windows=max_input_windows,
+        max_windows_in_flight=max_windows_in_flight,
+    )
 
     services = [
         CdsService(
@@ -271,6 +370,7 @@ def serve(
                 provider=provider,
                 variant=variant,
                 threads=threads,
+                budget=budget,
             ),
             hook=hook,
             min_probability=min_probability,

@@ -7,18 +7,20 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from fhirplug._budget import DEFAULT_BUDGET, Budget, WindowGate, over_budget
 from fhirplug.bundle import VerifiedBundle, verify_bundle
-from fhirplug.errors import PluginError, TaskError
+from fhirplug.errors import FhirplugError, PluginError, ProviderError, TaskError, UsageError
 from fhirplug.fhir.outcome import Issue, operation_outcome
 from fhirplug.fhir.reader import FhirInput, read_fhir
 from fhirplug.fhir.writer import ModelInfo, build_resources, to_bundle, to_ndjson
@@ -26,12 +28,12 @@ from fhirplug.manifest import Manifest
 from fhirplug.predictions import Prediction, TextSource
 from fhirplug.registry import get_task, resolve_plugin
 from fhirplug.runtime import choose_variant
-from fhirplug.session import ModelSession
+from fhirplug.session import ModelSession, Window
 
-__all__ = ["DEFAULT_MAX_CHARS", "Plugin", "PredictionResult", "load_plugin"]
+__all__ = ["DEFAULT_MAX_CHARS", "Budget", "Plugin", "PredictionResult", "load_plugin"]
 
-#: Longest note (characters) read by default: about 250k tokens, a few seconds of int8 inference.
-DEFAULT_MAX_CHARS = 1_000_000
+#: Longest note (characters) read by default: about 250k tokens, ≈ 29 s of int8 inference on 2 cores.
+DEFAULT_MAX_CHARS = DEFAULT_BUDGET.max_chars
 
 OutputFormat = Literal["collection", "transaction", "ndjson"]
 
@@ -47,6 +49,9 @@ class PredictionResult:
     recorded: datetime
     #: Wall-clock seconds: reading FHIR, tokenizing + running the model, interpreting.
     timings: dict[str, float] = field(default_factory=dict)
+    #: Resources of unsent input transactions by ``urn:uuid:`` fullUrl: a transaction output carries those its
+    #: outputs reference (the note, its subject), so one POST stores notes and predictions together.
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def has_errors(self) -> bool:
@@ -54,17 +59,34 @@ class PredictionResult:
         return any(i.is_error for i in self.issues)
 
     def resources(self) -> list[dict[str, Any]]:
-        """The generated FHIR resources: one per prediction, then the Device and the run's Provenance."""
+        """The generated FHIR resources: one per prediction, then the model card, the Device and the Provenance."""
         if not self.predictions:
             return []
-        return build_resources(self.predictions, self.sources, self.model, recorded=self.recorded)
+        return build_resources(self.predictions, self.sources, self.model, recorded=self.recorded, inputs=self.inputs)
 
     def to_fhir(self, kind: Literal["collection", "transaction"] = "collection") -> dict[str, Any]:
-        """A ``collection`` Bundle, or a ``transaction`` Bundle ready to POST to a FHIR server."""
-        return to_bundle(self.resources(), kind)
+        """A ``collection`` Bundle, or a ``transaction`` Bundle ready to POST to a FHIR server.
+
+        A reference that could not resolve in the output (a source known only by a ``urn:uuid:`` that the input
+        did not carry) is left out, never emitted dangling; each such case is added to ``issues`` as a warning.
+        """
+        warnings: list[Issue] = []
+        bundle = to_bundle(self.resources(), kind, inputs=self.inputs, warnings=warnings)
+        self._note(warnings)
+        return bundle
 
     def to_ndjson(self) -> str:
-        return to_ndjson(self.resources())
+        """The generated resources as NDJSON (references as ``Type/id``; unresolvable ones left out, see
+        :meth:`to_fhir`)."""
+        warnings: list[Issue] = []
+        text = to_ndjson(self.resources(), warnings=warnings)
+        self._note(warnings)
+        return text
+
+    def _note(self, warnings: list[Issue]) -> None:
+        for warning in warnings:
+            if warning not in self.issues:
+                self.issues.append(warning)
 
     def outcome(self) -> dict[str, Any]:
         """An OperationOutcome holding every issue met while reading and predicting."""
@@ -74,12 +96,20 @@ class PredictionResult:
 class Plugin:
     """A verified plugin bundle, ready to predict. Build it with :func:`load_plugin`.
 
+    Every ``predict*`` method is one exception boundary: nothing about the input raises. Bad input, work over
+    the :class:`Budget`, and an unexpected failure on one text each become an OperationOutcome issue (the
+    failure an ``error``/``exception`` for that text alone) and the rest is still predicted. What raises is
+    misuse of the API (:class:`~fhirplug.errors.UsageError`) and a failing execution provider
+    (:class:`~fhirplug.errors.ProviderError`).
+
     Attributes:
         manifest: the parsed manifest.
         path: the bundle directory.
         provider: the onnxruntime execution provider that runs the model.
         variant: the precision of the model variant in use (fp32, int8, fp16).
         manifest_sha256: identifies the exact bundle (the manifest holds every file's hash).
+        budget: the limits every call is held to (see :class:`Budget`).
+        gate: the windows all threads hold at once, bounded by ``budget.max_windows_in_flight``.
     """
 
     def __init__(
@@ -90,14 +120,20 @@ class Plugin:
         variant: str = "auto",
         threads: int | None = None,
         batch_size: int = 16,
-        max_chars: int = DEFAULT_MAX_CHARS,
+        max_chars: int | None = None,
+        budget: Budget | None = None,
     ) -> None:
+        self.budget = _budget(budget, max_chars)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise UsageError(f"threads must be an integer ≥ 1 or None, got {threads!r}")
+        self.gate = WindowGate(self.budget.max_windows_in_flight)
         manifest = bundle.manifest
         self.manifest: Manifest = manifest
         self.path = bundle.path
         self.manifest_sha256 = bundle.manifest_sha256
         self.signed_by = bundle.signed_by
-        self.max_chars = max_chars
+        #: How the bundle was trusted: ``key`` (a trusted signature), ``pin`` (a first-party pin) or ``unsigned``.
+        self.trusted_by = bundle.trusted_by
         self.task = get_task(manifest.task)(manifest)
         try:
             self.task.load_files(bundle)
@@ -134,28 +170,82 @@ class Plugin:
             variant=self.variant,
             provider=self.provider,
             output_resource=manifest.outputs.resource,
+            model_card=bundle.read("README.md").decode("utf-8", "replace") if "README.md" in manifest.files else None,
         )
 
     @property
     def name(self) -> str:
         return self.manifest.name
 
+    @property
+    def max_chars(self) -> int:
+        """Longest text read from one element (``budget.max_chars``)."""
+        return self.budget.max_chars
+
     def __repr__(self) -> str:
         return f"<Plugin {self.name} {self.manifest.version} {self.variant} on {self.provider}>"
 
-    def predict_sources(self, sources: Sequence[TextSource]) -> list[Prediction]:
-        """Predict for already-extracted texts (the task's prepare → run → interpret)."""
-        if not sources:
-            return []
-        texts = self.task.prepare(sources)
-        windows = self.session.windows(texts)
-        outputs = self.session.run(windows)
-        return self.task.interpret(sources, windows, outputs)
+    def predict_sources(
+        self,
+        sources: Sequence[TextSource],
+        *,
+        issues: list[Issue] | None = None,
+        names: Sequence[str | None] | None = None,
+    ) -> list[Prediction]:
+        """Predict for already-extracted texts (the task's prepare → run → interpret), within the budget.
+
+        Args:
+            sources: the texts, e.g. ``read_fhir(...).sources``.
+            issues: where a text left out goes as an issue (over the budget, or a failure on that text alone);
+                without it those texts are only left out.
+            names: ``names[i]`` is how issues name the input ``sources[i]`` came from (``Issue.source``).
+
+        Returns:
+            The predictions of every text that was predicted, in source order.
+
+        Raises:
+            UsageError: ``sources`` is not a sequence of TextSource, or ``names`` does not match it.
+            ProviderError: onnxruntime failed.
+        """
+        sources = list(_checked(sources, TextSource, "sources"))
+        if names is not None and len(names) != len(sources):
+            raise UsageError(f"names must give one name per source: {len(names)} names for {len(sources)} sources")
+        sink: list[Issue] = [] if issues is None else issues
+        predictions, found = self._predict(sources, list(names) if names is not None else [None] * len(sources))
+        sink.extend(found)
+        return predictions
 
     def predict_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Calibrated scores for plain texts (text-classification: [n_texts, n_labels] probabilities)."""
-        windows = self.session.windows(list(texts))
-        return self.task.scores(len(texts), windows, self.session.run(windows))
+        """Calibrated scores for plain texts (text-classification: ``[n_texts, n_labels]`` probabilities;
+        token-classification: per text its ``[tokens, tags]`` probabilities, in an object array).
+
+        A text over the budget, or one the tokenizer cannot read, gets no scores: a row of NaN
+        (text-classification), an empty ``[0, 0]`` array (token-classification). ``[]`` gives ``[0, n_labels]``.
+
+        Raises:
+            UsageError: ``texts`` is a string or holds something that is not one.
+            ProviderError: onnxruntime failed.
+        """
+        if isinstance(texts, str):
+            raise UsageError("predict_texts takes a sequence of texts, not one string: predict_texts([text])")
+        texts = list(_checked(texts, str, "texts"))
+        admitted, _ = self._admit(texts, [(f"texts[{i}]", None) for i in range(len(texts))])
+        try:
+            windows, outputs = self._run([texts[i] for i, _ in admitted], [i for i, _ in admitted])
+        except (UsageError, ProviderError):
+            raise
+        except Exception:  # one text at a time, so the failing one alone goes without scores
+            windows, outputs = [], []
+            for i, _ in admitted:
+                try:
+                    got = self._run([texts[i]], [i])
+                except (UsageError, ProviderError):
+                    raise
+                except Exception:
+                    continue
+                windows.extend(got[0])
+                outputs.extend(got[1])
+        return self.task.scores(len(texts), windows, outputs)
 
     def predict(
         self,
@@ -171,59 +261,92 @@ class Plugin:
             source_name: how issues name this input (a file name, say).
 
         Returns:
-            A :class:`PredictionResult`. Input problems do not raise: each bad resource or element becomes an
-            OperationOutcome issue in ``result.issues`` and every good one is still predicted.
+            A :class:`PredictionResult`. Input problems do not raise: each bad resource or element, each text
+            over the budget and each text the model failed on becomes an OperationOutcome issue in
+            ``result.issues``, and every good one is still predicted.
+
+        Raises:
+            ProviderError: onnxruntime failed (nothing about the input raises).
         """
-        started = time.perf_counter()
-        read = read_fhir(
-            data,
-            resource_types=self.manifest.inputs.resource_types,
-            max_chars=self.max_chars,
-            source_name=source_name,
-        )
-        return self._predict_read(read.sources, list(read.issues), started)
+        return self.predict_many([(source_name, data)])
 
     def predict_many(self, inputs: Iterable[tuple[str, FhirInput]]) -> PredictionResult:
         """Read several named FHIR inputs (``(name, data)``: data as :meth:`predict` takes it) and predict them as
-        one run: one Device and one Provenance for all; each input's issues are named by its name."""
+        one run: one Device and one Provenance for all; each input's issues are named by its name. The budget
+        holds for the run as a whole (one CDS request).
+
+        Raises:
+            UsageError: ``inputs`` is not an iterable of ``(name, data)`` pairs.
+            ProviderError: onnxruntime failed.
+        """
         started = time.perf_counter()
-        sources: list[TextSource] = []
+        read: list[tuple[TextSource, str | None]] = []
         issues: list[Issue] = []
-        for name, data in inputs:
-            read = read_fhir(
-                data,
-                resource_types=self.manifest.inputs.resource_types,
-                max_chars=self.max_chars,
-                source_name=name,
-            )
-            sources.extend(read.sources)
-            issues.extend(read.issues)
-        return self._predict_read(sources, issues, started)
+        unsent: dict[str, dict[str, Any]] = {}
+        for name, data in _pairs(inputs):
+            self._read(data, str(name), read, issues, unsent)
+        return self._predict_read(read, issues, started, unsent)
 
     def predict_files(self, paths: Iterable[str | os.PathLike[str]]) -> PredictionResult:
-        """Read and predict several FHIR files (JSON or NDJSON) as one run with one Provenance."""
+        """Read and predict several FHIR files (JSON or NDJSON) as one run with one Provenance.
+
+        A file that cannot be read is an ``error``/``not-found`` issue; the budget holds for the run as a whole.
+
+        Raises:
+            UsageError: ``paths`` holds something that is not a path.
+            ProviderError: onnxruntime failed.
+        """
         started = time.perf_counter()
-        sources: list[TextSource] = []
+        read: list[tuple[TextSource, str | None]] = []
         issues: list[Issue] = []
-        for path in paths:
+        unsent: dict[str, dict[str, Any]] = {}
+        for path in _checked(paths, (str, os.PathLike), "paths"):
             try:
                 raw = Path(path).read_bytes()
-            except OSError as exc:
-                issues.append(Issue("error", "not-found", f"cannot read the file ({exc.strerror})", source=str(path)))
+            except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                issues.append(Issue("error", "not-found", f"cannot read the file ({why})", source=str(path)))
                 continue
-            read = read_fhir(
-                raw,
-                resource_types=self.manifest.inputs.resource_types,
-                max_chars=self.max_chars,
-                source_name=str(path),
-            )
-            sources.extend(read.sources)
-            issues.extend(read.issues)
-        return self._predict_read(sources, issues, started)
+            self._read(raw, str(path), read, issues, unsent)
+        return self._predict_read(read, issues, started, unsent)
 
-    def _predict_read(self, sources: list[TextSource], issues: list[Issue], started: float) -> PredictionResult:
+    # --- the one pipeline every public method runs -------------------------------------------------------------
+
+    def _read(
+        self,
+        data: Any,
+        name: str,
+        into: list[tuple[TextSource, str | None]],
+        issues: list[Issue],
+        unsent: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        try:
+            result = read_fhir(
+                data, resource_types=self.manifest.inputs.resource_types, max_chars=self.max_chars, source_name=name
+            )
+        except FhirplugError as exc:
+            issues.extend(getattr(exc, "issues", None) or [Issue("error", "invalid", str(exc), source=name)])
+            return
+        except Exception as exc:  # the reader reports problems as issues; should one escape, it stays one input's
+            issues.append(Issue("error", "exception", f"the input could not be read: {_describe(exc)}", source=name))
+            return
+        into.extend((source, name) for source in result.sources)
+        issues.extend(result.issues)
+        if unsent is not None:
+            for url, resource in result.unsent.items():
+                unsent.setdefault(url, resource)
+
+    def _predict_read(
+        self,
+        read: list[tuple[TextSource, str | None]],
+        issues: list[Issue],
+        started: float,
+        unsent: dict[str, dict[str, Any]] | None = None,
+    ) -> PredictionResult:
         read_done = time.perf_counter()
-        predictions = self.predict_sources(sources)
+        sources = [s for s, _ in read]
+        predictions, found = self._predict(sources, [n for _, n in read])
+        issues.extend(found)
         done = time.perf_counter()
         return PredictionResult(
             predictions=predictions,
@@ -232,7 +355,170 @@ class Plugin:
             model=self.model_info,
             recorded=datetime.now(UTC).replace(microsecond=0),
             timings={"read_s": read_done - started, "predict_s": done - read_done, "total_s": done - started},
+            inputs=unsent or {},
         )
+
+    def _predict(self, sources: list[TextSource], names: list[str | None]) -> tuple[list[Prediction], list[Issue]]:
+        """Budget, then stream: the admitted sources are predicted; every other one gets its issue."""
+        issues: list[Issue] = []
+        texts: list[str] = []
+        unprepared: set[int] = set()
+        for i, (source, name) in enumerate(zip(sources, names, strict=True)):
+            try:
+                (text,) = self.task.prepare([source])
+                if not isinstance(text, str):
+                    raise TypeError(f"{type(self.task).__name__}.prepare gave a {type(text).__name__}, not a str")
+            except Exception as exc:  # a task's own code failing on one text
+                issues.append(_failed(source, name, "preparing the text", exc))
+                unprepared.add(i)
+                text = ""
+            texts.append(text)
+        labels = [(f"{s.reference} {s.element}", n) for s, n in zip(sources, names, strict=True)]
+        admitted, refused = self._admit(texts, labels, skip=unprepared)
+        issues.extend(refused)
+        if not admitted:
+            return [], issues
+        chosen = [sources[i] for i, _ in admitted]
+        try:
+            return self._interpret(chosen, [texts[i] for i, _ in admitted]), issues
+        except (UsageError, ProviderError):
+            raise
+        except Exception:  # one source at a time, so the failing one alone is reported
+            predictions: list[Prediction] = []
+            for i, _ in admitted:
+                try:
+                    predictions.extend(self._interpret([sources[i]], [texts[i]]))
+                except (UsageError, ProviderError):
+                    raise
+                except Exception as exc:
+                    issues.append(_failed(sources[i], names[i], "predicting", exc))
+            return predictions, issues
+
+    def _interpret(self, sources: list[TextSource], texts: list[str]) -> list[Prediction]:
+        windows, outputs = self._run(texts, range(len(texts)))
+        return self.task.interpret(sources, windows, outputs)
+
+    def _admit(
+        self, texts: Sequence[str], labels: Sequence[tuple[str, str | None]], skip: set[int] | None = None
+    ) -> tuple[list[tuple[int, int]], list[Issue]]:
+        """``(index, windows)`` of the texts within the budget, in order, and an issue for each other text.
+
+        Checked before the work: characters first (free), then windows (a tokenizer pass that keeps no token).
+        The first text over an input limit and every later one are refused: an input is predicted up to its
+        budget, in order.
+        """
+        budget = self.budget
+        admitted: list[tuple[int, int]] = []
+        issues: list[Issue] = []
+        chars = windows = 0
+        spent: str | None = None  # the input limit that ran out
+        for i, (text, (label, name)) in enumerate(zip(texts, labels, strict=True)):
+            if skip and i in skip:
+                continue
+            where = (label.split(" ", 1)[-1],)
+            if spent is not None:
+                what = f"{label}: the input's budget was spent on the texts before this one"
+                issues.append(over_budget(spent, budget, what, where, name))
+                continue
+            if len(text) > budget.max_chars:
+                what = f"{label}: the text is {len(text):,} characters"
+                issues.append(over_budget("max_chars", budget, what, where, name))
+                continue
+            if chars + len(text) > budget.max_input_chars:
+                spent = "max_input_chars"
+                what = f"{label}: this text ({len(text):,} characters) brings the input to {chars + len(text):,}"
+                issues.append(over_budget(spent, budget, what, where, name))
+                continue
+            try:
+                count = self.session.count_windows(text)
+            except Exception as exc:  # the tokenizer refused the text (a lone surrogate, say)
+                issues.append(_failed_label(label, where, name, "tokenizing", exc))
+                continue
+            if windows + count > budget.max_input_windows:
+                spent = "max_input_windows"
+                what = f"{label}: this text ({count:,} windows) brings the input to {windows + count:,} windows"
+                issues.append(over_budget(spent, budget, what, where, name))
+                continue
+            chars += len(text)
+            windows += count
+            admitted.append((i, count))
+        return admitted, issues
+
+    def _run(self, texts: Sequence[str], indices: Iterable[int]) -> tuple[list[Window], list[np.ndarray]]:
+        """Stream the texts' windows through the model, a chunk at a time under the process-wide gate.
+
+        Only one chunk of each call is tokenized at a time; each window kept for ``interpret`` is a few KB.
+        """
+        stream = self.session.iter_windows(texts, list(indices))
+        windows: list[Window] = []
+        outputs: list[np.ndarray] = []
+        chunk = self.budget.chunk
+        while True:
+            self.gate.acquire(chunk)
+            try:
+                batch = list(itertools.islice(stream, chunk))
+                if batch:
+                    outputs.extend(self.session.run(batch))
+            finally:
+                self.gate.release(chunk)
+            if not batch:
+                return windows, outputs
+            windows.extend(batch)
+
+
+def _budget(budget: Budget | None, max_chars: int | None) -> Budget:
+    if budget is not None and not isinstance(budget, Budget):
+        raise UsageError(f"budget must be a fhirplug Budget, got {type(budget).__name__}")
+    chosen = budget or DEFAULT_BUDGET
+    if max_chars is None:
+        return chosen
+    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1:
+        raise UsageError(f"max_chars must be an integer ≥ 1, got {max_chars!r}")
+    return replace(chosen, max_chars=max_chars)
+
+
+def _checked(items: Any, kind: type | tuple[type, ...], what: str) -> Iterable[Any]:
+    if isinstance(items, str | bytes) and kind is not str:
+        raise UsageError(f"{what} must be a sequence, not a single {type(items).__name__}")
+    try:
+        values = list(items)
+    except TypeError as exc:
+        raise UsageError(f"{what} must be iterable, got {type(items).__name__}") from exc
+    for i, value in enumerate(values):
+        if not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise UsageError(f"{what}[{i}] must be a {names}, got {type(value).__name__}")
+    return values
+
+
+def _pairs(inputs: Iterable[tuple[str, FhirInput]]) -> list[tuple[str, FhirInput]]:
+    try:
+        pairs = list(inputs)
+    except TypeError as exc:
+        raise UsageError(f"inputs must be an iterable of (name, data) pairs, got {type(inputs).__name__}") from exc
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, tuple) or len(pair) != 2:
+            raise UsageError(f"inputs[{i}] must be a (name, data) pair, got {type(pair).__name__}")
+    return pairs
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _failed_label(label: str, where: tuple[str, ...], name: str | None, step: str, exc: BaseException) -> Issue:
+    return Issue(
+        "error",
+        "exception",
+        f"{label}: {step} failed ({_describe(exc)}); this text was not predicted, the others were. "
+        "Report it with the input if it is not the input's fault",
+        where,
+        name,
+    )
+
+
+def _failed(source: TextSource, name: str | None, step: str, exc: BaseException) -> Issue:
+    return _failed_label(f"{source.reference} {source.element}", (source.element,), name, step, exc)
 
 
 def load_plugin(
@@ -244,7 +530,8 @@ def load_plugin(
     variant: str = "auto",
     threads: int | None = None,
     batch_size: int = 16,
-    max_chars: int = DEFAULT_MAX_CHARS,
+    max_chars: int | None = None,
+    budget: Budget | None = None,
 ) -> Plugin:
     """Verify and load a plugin bundle.
 
@@ -259,11 +546,15 @@ def load_plugin(
         variant: ``auto`` (fp16 on GPU, int8 on CPU), ``fp32``, ``int8`` or ``fp16``.
         threads: onnxruntime intra-op threads (default: the cores this process may use).
         batch_size: windows per onnxruntime call.
-        max_chars: longest text read from one element; longer ones are reported as too costly.
+        max_chars: longest text read from one element; longer ones are reported as too costly (the same as
+            ``budget=Budget(max_chars=N)``; given with ``budget``, it replaces that one field).
+        budget: the limits every call is held to (:class:`Budget`; default ``Budget()``).
 
     Raises:
-        PluginNotFoundError, ManifestError, IntegrityError, SignatureError, ProviderError, PluginError.
+        PluginNotFoundError, ManifestError, IntegrityError, SignatureError, ProviderError, PluginError;
+        UsageError for an argument that cannot be used (``batch_size=0``, a bad ``budget``).
     """
+    _budget(budget, max_chars)  # misuse fails before minutes of hashing, not after
     bundle = verify_bundle(
         resolve_plugin(path),
         trusted_keys=[Path(k) for k in trusted_keys],
@@ -276,4 +567,5 @@ def load_plugin(
         threads=threads,
         batch_size=batch_size,
         max_chars=max_chars,
+        budget=budget,
     )

@@ -20,6 +20,7 @@ import functools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from fhirplug._budget import Budget
 from fhirplug.errors import MissingExtraError
 from fhirplug.fhir.outcome import Issue
 from fhirplug.plugin import Plugin, load_plugin
@@ -37,9 +38,16 @@ _FIELDS = [part.strip().split(" ")[0] for part in OUTPUT_SCHEMA.split(",")]
 
 @functools.lru_cache(maxsize=4)
 def _plugin(
-    path: str, allow_unsigned: bool, trusted_keys: tuple[str, ...], variant: str, threads: int | None
+    path: str,
+    allow_unsigned: bool,
+    trusted_keys: tuple[str, ...],
+    variant: str,
+    threads: int | None,
+    budget: Budget | None = None,
 ) -> Plugin:
-    return load_plugin(path, allow_unsigned=allow_unsigned, trusted_keys=trusted_keys, variant=variant, threads=threads)
+    return load_plugin(
+        path, allow_unsigned=allow_unsigned, trusted_keys=trusted_keys, variant=variant, threads=threads, budget=budget
+    )
 
 
 def predict_rows(
@@ -51,6 +59,7 @@ def predict_rows(
     variant: str = "auto",
     threads: int | None = None,
     chunk: int = 256,
+    budget: Budget | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Predict ``(key, FHIR JSON)`` rows; yield one dict per prediction and one per input problem.
 
@@ -59,17 +68,22 @@ def predict_rows(
             NDJSON chunk; a None or empty text is reported as a problem.
         plugin: a bundle path or an installed plugin's name (loaded once per process).
         chunk: rows read before each model run (bigger: better batching, more memory).
+        budget: the plugin's :class:`~fhirplug.Budget`, held per chunk; texts past it are reported as problem
+            rows (``issue_code`` ``too-costly``) and the rest predicted.
     """
     from fhirplug.fhir.reader import read_fhir
 
-    loaded = _plugin(plugin, allow_unsigned, tuple(trusted_keys), variant, threads)
+    loaded = _plugin(plugin, allow_unsigned, tuple(trusted_keys), variant, threads, budget)
     types = loaded.manifest.inputs.resource_types
     pending: list[tuple[str, TextSource]] = []
     problems: list[tuple[str, Issue]] = []
 
     def flush() -> Iterator[dict[str, Any]]:
         keys = {id(source): key for key, source in pending}
-        for p in loaded.predict_sources([s for _, s in pending]):
+        left_out: list[Issue] = []
+        predictions = loaded.predict_sources([s for _, s in pending], issues=left_out, names=[k for k, _ in pending])
+        problems.extend((issue.source or "", issue) for issue in left_out)
+        for p in predictions:
             yield _row(
                 key=keys.get(id(p.source), ""),
                 reference=p.evidence.reference,
@@ -98,9 +112,13 @@ def predict_rows(
         if not text:
             problems.append((key, Issue("error", "required", "the row holds no FHIR JSON")))
         else:
-            read = read_fhir(text, resource_types=types, max_chars=loaded.max_chars, source_name=f"row {key}")
-            pending.extend((key, source) for source in read.sources)
-            problems.extend((key, issue) for issue in read.issues if issue.severity != "information")
+            try:
+                read = read_fhir(text, resource_types=types, max_chars=loaded.max_chars, source_name=f"row {key}")
+            except Exception as exc:  # one bad row never stops the partition
+                problems.append((key, Issue("error", "exception", f"the row could not be read: {exc}"[:300])))
+            else:
+                pending.extend((key, source) for source in read.sources)
+                problems.extend((key, issue) for issue in read.issues if issue.severity != "information")
         if len(pending) + len(problems) >= chunk:
             yield from flush()
     if pending or problems:
@@ -122,6 +140,7 @@ def predict_dataframe(
     variant: str = "auto",
     threads: int | None = 1,
     chunk: int = 256,
+    budget: Budget | None = None,
 ) -> Any:
     """A DataFrame of predictions (schema :data:`OUTPUT_SCHEMA`) for ``df[text_column]``'s FHIR JSON.
 
@@ -148,6 +167,7 @@ def predict_dataframe(
             variant=variant,
             threads=threads,
             chunk=chunk,
+            budget=budget,
         )
         for out in outputs:
             yield tuple(out[name] for name in _FIELDS)

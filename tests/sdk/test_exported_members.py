@@ -5,6 +5,7 @@ import fhirplug
 
 def test_public_api_is_pinned() -> None:
     assert sorted(fhirplug.__all__) == [
+        "Budget",
         "ConvertError",
         "Evidence",
         "FhirplugError",

@@ -125,7 +125,8 @@ def too_long(chars: int, max_chars: int, expression: str, *, data_bytes: int | N
         "error",
         "too-costly",
         f"the text is too long: {size}, more than the limit of {max_chars:,} characters; it was not read. "
-        "Split the note, or raise the limit (load_plugin(..., max_chars=N) / read_fhir(..., max_chars=N))",
+        "Split the note, or raise the limit: load_plugin(..., budget=Budget(max_chars=N)) or --max-chars N "
+        "(read_fhir(..., max_chars=N))",
         (expression,),
     )
 

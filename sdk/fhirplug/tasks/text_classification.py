@@ -88,6 +88,9 @@ class TextClassification(Task):
         return out
 
     def scores(self, n_texts: int, windows: Sequence[Window], outputs: Sequence[np.ndarray]) -> np.ndarray:
+        """``[n_texts, n_labels]`` aggregated probabilities; a text without windows (not run) is a row of NaN."""
+        if n_texts == 0:
+            return np.empty((0, len(self.labels)))
         return np.stack([agg for agg, _, _ in self._per_text(n_texts, windows, outputs)])
 
     def _chosen(self, probs: np.ndarray) -> list[int]:

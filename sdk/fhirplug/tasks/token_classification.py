@@ -13,8 +13,8 @@ The steps, all in numpy:
    assertion cue of the lexicon ("No") is dropped.
 3. **Coding** against the plugin's terminology (:mod:`fhirplug._coding`): exact → normalized → nearest
    neighbour over character n-gram vectors, abstaining below ``entities.coding_threshold``.
-4. **Assertion** (:mod:`fhirplug._assertion`): negated, possible, historical, family/other subject, with the
-   lexicon shipped in the bundle. Replace it with ``plugin.task.lexicon = Lexicon.load(path)``.
+4. **Assertion** (:mod:`fhirplug._assertion`): negated, possible, historical, hypothetical, family/other subject,
+   with the lexicon shipped in the bundle. Replace it with ``plugin.task.lexicon = Lexicon.load(path)``.
 
 Every mention is a :class:`~fhirplug.predictions.Prediction` with ``entity`` set; an uncoded mention has
 ``code == ""`` and is kept in the predictions but not written as FHIR (there is no code to write).
@@ -77,11 +77,13 @@ def merge_windows(
     best: list[dict[tuple[int, int], tuple[int, np.ndarray]]] = [{} for _ in range(n_texts)]
     for window, logits in zip(windows, outputs, strict=True):
         probs = _softmax(np.asarray(logits)[: len(window.ids)], temperature)
-        content = [j for j, (s, e) in enumerate(window.offsets) if e > s and j < len(probs)]
+        # Streamed windows hold offsets as an [n, 2] array, made windows as tuples: one list of pairs for both.
+        offsets = np.asarray(window.offsets, dtype=np.int64).reshape(-1, 2).tolist()
+        content = [j for j, (s, e) in enumerate(offsets) if e > s and j < len(probs)]
         seen = best[window.text_index]
         for rank, j in enumerate(content):
             distance = min(rank, len(content) - 1 - rank)
-            key = (int(window.offsets[j][0]), int(window.offsets[j][1]))
+            key = (offsets[j][0], offsets[j][1])
             kept = seen.get(key)
             if kept is None or distance > kept[0]:
                 seen[key] = (distance, probs[j])
@@ -181,7 +183,11 @@ class TokenClassification(Task):
         path = bundle.path
         try:
             self.index = ConceptIndex.from_bytes(
-                bundle.read(entities.concepts), bundle.read(entities.vectors), entities.coding_threshold
+                bundle.read(entities.concepts),
+                bundle.read(entities.vectors),
+                entities.coding_threshold,
+                concepts_source=str(path / entities.concepts),
+                vectors_source=str(path / entities.vectors),
             )
         except (OSError, ValueError, KeyError) as exc:
             raise TaskError(f"{path}: the terminology files cannot be read ({exc})") from exc
@@ -242,6 +248,7 @@ class TokenClassification(Task):
                     historical=assertion.historical,
                     subject=assertion.subject,
                     relationship=assertion.relationship,
+                    hypothetical=assertion.hypothetical,
                 )
                 predictions.append(
                     Prediction(
