@@ -33,13 +33,14 @@ from fhirplug_convert.evaluate import (
     negative_log_likelihood,
     task_metric,
 )
-from fhirplug_convert.recipe import BitFit, Lora, PromptTuning, Recipe
+from fhirplug_convert.recipe import BitFit, Lora, PromptTuning, Recipe, resolve_training
 
 __all__ = [
     "LogitsModel",
     "PromptTuningModel",
     "TrainedModel",
     "load_base",
+    "search_learning_rate",
     "targets_of",
     "torch_runner",
     "train",
@@ -366,9 +367,12 @@ def train(
     Returns:
         The trained model in eval mode and the tokenizer (padding and truncation off) that feeds it.
     """
+    if recipe.training.learning_rate is None or recipe.training.epochs is None:
+        recipe, _ = resolve_training(recipe, len(train_set))  # called directly, not through convert()
     labels = recipe.label_names
     multi_label = recipe.output.multi_label
     spec = recipe.training
+    assert spec.epochs is not None
     _seed(spec.seed)
     model, tokenizer = load_base(base, labels, multi_label)
     max_tokens = window_size(model.config, recipe)
@@ -467,3 +471,69 @@ def train(
         ),
         tokenizer,
     )
+
+
+# --- learning-rate search ------------------------------------------------------------------------------------------
+
+#: History keys that are not the validation task metric.
+_NOT_METRIC = frozenset({"epoch", "step", "train_loss", "nll"})
+
+
+def validation_score(trained: TrainedModel) -> tuple[str, float, float]:
+    """The best epoch's validation task metric (name, value) and its NLL (inf when not recorded)."""
+    entry = trained.history[trained.best_epoch - 1] if trained.best_epoch else {}
+    names = [k for k in entry if k not in _NOT_METRIC]
+    if not names:
+        return "none", float("-inf"), float("inf")
+    return names[0], float(entry[names[0]]), float(entry.get("nll", float("inf")))
+
+
+def search_learning_rate(
+    recipe: Recipe,
+    run: Callable[[Recipe], tuple[TrainedModel, Tokenizer]],
+    *,
+    log: Callable[[str], None] = lambda _: None,
+) -> tuple[TrainedModel, Tokenizer, dict[str, Any]]:
+    """Train once per candidate of ``recipe.training.search`` and keep the best on validation.
+
+    The score is the metric the model card reports, at each trial's best epoch (ties: the lower validation NLL,
+    then the earlier candidate). Only the winning model is kept in memory.
+
+    Args:
+        recipe: a recipe with ``training.search`` and its training values resolved (``resolve_training``).
+        run: trains one model from a recipe (``train`` or the token-classification ``train``, bound to the data).
+        log: receives one line per trial.
+
+    Returns:
+        The chosen model, its tokenizer, and the record for metrics.json: ``{"parameter", "metric", "chosen",
+        "trials": [{"learning_rate", "validation_<metric>", "validation_nll", "best_epoch", "epochs_run", "steps"}]}``
+        (``validation_nll`` where the task records it).
+    """
+    spec = recipe.training
+    assert spec.search is not None and spec.learning_rate is not None
+    best: tuple[tuple[float, float], TrainedModel, Tokenizer, float] | None = None
+    trials: list[dict[str, Any]] = []
+    metric = "none"
+    candidates = spec.search.candidates(spec.learning_rate)
+    for number, rate in enumerate(candidates, start=1):
+        trial = recipe.model_copy(update={"training": spec.model_copy(update={"learning_rate": rate, "search": None})})
+        trained, tokenizer = run(trial)
+        metric, value, nll = validation_score(trained)
+        trials.append(
+            {
+                "learning_rate": rate,
+                f"validation_{metric}": value,
+                **({"validation_nll": nll} if math.isfinite(nll) else {}),
+                "best_epoch": trained.best_epoch,
+                "epochs_run": len(trained.history),
+                "steps": trained.steps,
+            }
+        )
+        log(f"search {number}/{len(candidates)}: learning_rate {rate:g} → validation {metric} {value:.4f}")
+        key = (value, -nll)
+        if best is None or key > best[0]:
+            best = (key, trained, tokenizer, rate)
+    assert best is not None
+    _, trained, tokenizer, chosen = best
+    log(f"search: learning_rate {chosen:g} chosen (best validation {metric})")
+    return trained, tokenizer, {"parameter": "learning_rate", "metric": metric, "chosen": chosen, "trials": trials}

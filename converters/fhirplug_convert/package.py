@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,16 @@ from fhirplug.errors import ConvertError, ManifestError
 from fhirplug.manifest import MANIFEST_FILE, Manifest
 from fhirplug_convert.recipe import DEFAULT_BASE_MODEL, Recipe
 
-__all__ = ["PROVIDERS", "BundleContent", "prepare_out_dir", "publish_variants", "render_model_card", "write_bundle"]
+__all__ = [
+    "PROVIDERS",
+    "BundleContent",
+    "portable_path",
+    "prepare_out_dir",
+    "publish_variants",
+    "recorded_base_model",
+    "render_model_card",
+    "write_bundle",
+]
 
 #: Execution providers each precision is offered to. int8 (dynamic quantization) is a CPU format; fp16 is for
 #: GPUs; fp32 runs anywhere.
@@ -44,6 +54,37 @@ class BundleContent:
     extra_files: Mapping[str, Path] = field(default_factory=dict)
     #: Extra manifest keys (token-classification: ``entities``).
     manifest_extra: Mapping[str, Any] = field(default_factory=dict)
+    #: Seconds per stage; filled up to "package" by the time the card is written (see ``write_bundle``).
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+
+def portable_path(path: str | Path, folder: str | Path) -> str:
+    """``path`` as a model card may show it: relative to ``folder`` (``..`` allowed), never absolute.
+
+    When the two share nothing but the filesystem root, a relative path would spell out the absolute one, so only
+    the last component is kept.
+    """
+    target, base = Path(path).resolve(), Path(folder).resolve()
+    try:
+        common = Path(os.path.commonpath([target, base]))
+    except ValueError:  # different drives (Windows)
+        return target.name
+    if common == Path(common.anchor):
+        return target.name
+    return Path(os.path.relpath(target, base)).as_posix()
+
+
+def recorded_base_model(recipe: Recipe) -> str:
+    """The base model as the manifest and card record it: a Hugging Face id as given, a local folder relative to
+    the recipe (no absolute path of the build machine)."""
+    name = recipe.base_model
+    local = Path(name).expanduser()
+    folder = recipe.source.parent if recipe.source is not None else Path.cwd()
+    if not local.is_absolute():
+        local = folder / local
+    if name == DEFAULT_BASE_MODEL or not local.is_dir():
+        return name
+    return portable_path(local, folder)
 
 
 def prepare_out_dir(out_dir: Path) -> None:
@@ -133,7 +174,8 @@ def _outputs_text(recipe: Recipe) -> str:
         f"token-classification (BIO tags over the entity types below): each mention gets its exact character span, "
         f"a code of {entities.system} (dictionary: exact, then normalized match; else the nearest name by character "
         f"3-gram TF-IDF cosine, kept only at ≥ {entities.coding_threshold}, otherwise the mention stays uncoded) and "
-        "an assertion (negated, possible, historical, family/other subject; lexicon assertion.json). Coded mentions "
+        "an assertion (negated, possible, historical, hypothetical, family/other subject; lexicon assertion.json). "
+        "Coded mentions "
         f"become FHIR resources: {kinds}; a family member's condition becomes a FamilyMemberHistory; negated → "
         "Condition.verificationStatus refuted (MedicationStatement.status not-taken), possible → unconfirmed, "
         f"historical → no clinicalStatus (history is never coded as resolved), onset before the note; hypothetical → "
@@ -151,6 +193,55 @@ def _windows_text(recipe: Recipe) -> str:
         "long notes are scored window by window and aggregated (multi-class: mean of softmax; multi-label: max of "
         "sigmoid)"
     )
+
+
+def _resolved_lines(resolved: Mapping[str, Any]) -> list[str]:
+    # What training actually used, and which of it the converter chose (a user re-running sees what to change).
+    lines = []
+    for key, item in resolved.items():
+        origin = {"recipe": "from the recipe", "default": "default", "search": "chosen by search"}.get(
+            item.get("source"), str(item.get("source"))
+        )
+        reason = f": {item['reason']}" if item.get("reason") and item.get("source") != "recipe" else ""
+        lines.append(f"- {key}: {item.get('value')} ({origin}{reason})")
+    return lines
+
+
+def _search_lines(search: Mapping[str, Any] | None) -> list[str]:
+    if not search:
+        return []
+    metric = search["metric"]
+    lines = [
+        "## Learning-rate search (validation split)",
+        "",
+        f"One training run per candidate; the best validation {metric} (at its best epoch) was kept: "
+        f"learning_rate {search['chosen']:g}.",
+        "",
+        f"| learning_rate | validation {metric} | best epoch | epochs run | steps |",
+        "|---|---|---|---|---|",
+    ]
+    for trial in search["trials"]:
+        mark = " (chosen)" if trial["learning_rate"] == search["chosen"] else ""
+        lines.append(
+            f"| {trial['learning_rate']:g}{mark} | {_fmt(trial[f'validation_{metric}'])} | {trial['best_epoch']} | "
+            f"{trial['epochs_run']} | {trial['steps']} |"
+        )
+    return [*lines, ""]
+
+
+def _timing_lines(timings: Mapping[str, float]) -> list[str]:
+    if not timings:
+        return []
+    total = sum(timings.values())
+    return [
+        "",
+        "## Build timings",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *[f"| {stage} | {seconds:.2f} |" for stage, seconds in timings.items()],
+        f"| total (to this card) | {total:.2f} |",
+    ]
 
 
 def render_model_card(recipe: Recipe, content: BundleContent, fused: Mapping[str, int]) -> str:
@@ -203,9 +294,11 @@ def render_model_card(recipe: Recipe, content: BundleContent, fused: Mapping[str
         f"{training.get('total_parameters'):,} "
         f"({100 * training.get('trainable_parameters', 0) / max(training.get('total_parameters', 1), 1):.2f}%)",
         f"- Steps: {details.get('steps')}, best epoch {details.get('best_epoch')}, seed {training.get('seed')}",
+        *_resolved_lines(details.get("resolved", {})),
         f"- Windows: {content.max_tokens} tokens, stride {content.stride}; " + _windows_text(recipe),
         f"- ONNX opset {recipe.opset}; fused operators: {dict(fused) or 'none (optimize = false)'}",
         "",
+        *_search_lines(content.metrics.get("search")),
         "## Metrics (held-out test split)",
         "",
         *_metrics_table(content.metrics, {e.label: f"{e.code} {e.display}" for e in recipe.labels}),
@@ -234,7 +327,15 @@ def render_model_card(recipe: Recipe, content: BundleContent, fused: Mapping[str
             f"the best layer) and ships the best passing candidate: {', '.join(mixed['kept_fp32'])} in fp32, "
             f"everything else int8.",
         ]
-    lines += ["", "## Reproduce", "", "```", content.command, "```", ""]
+    left_out = content.parity.get("failed", [])
+    if left_out:
+        lines += [
+            "",
+            f"Left out: {', '.join(left_out)} failed the parity gate (reasons above); this bundle has "
+            f"{', '.join(content.parity.get('packaged', []))} only.",
+        ]
+    lines += _timing_lines(content.timings)
+    lines += ["", "## Reproduce", "", "In the recipe's folder:", "", "```", content.command, "```", ""]
     return "\n".join(lines)
 
 
@@ -245,8 +346,12 @@ def write_bundle(
     *,
     fused: Mapping[str, int],
     signing_key: str | Path | None = None,
+    before_card: Callable[[], None] | None = None,
 ) -> Manifest:
     """Fill ``out_dir`` (already empty) and write the manifest (signed when a key is given).
+
+    ``before_card`` runs once every other file is in place, just before the model card is rendered: the pipeline
+    closes its "package" timing there, so the card's timings cover every stage but the card and manifest writes.
 
     Raises:
         ConvertError: the manifest does not validate (a converter bug or an unusable recipe value).
@@ -272,7 +377,12 @@ def write_bundle(
     _write_json(out_dir / "labels.json", labels)
     _write_json(out_dir / "metrics.json", content.metrics)
     _write_json(out_dir / "parity.json", content.parity)
+    if before_card is not None:
+        before_card()
     (out_dir / "README.md").write_text(render_model_card(recipe, content, fused), encoding="utf-8")
+    training = dict(content.training)
+    if content.timings:
+        training["details"] = {**training.get("details", {}), "timings": dict(content.timings)}
     fields = {
         "schema_version": 1,
         "name": recipe.name,
@@ -288,7 +398,7 @@ def write_bundle(
         "calibration": content.calibration,
         "metrics": content.metrics,
         "parity": content.parity,
-        "training": content.training,
+        "training": training,
         **content.manifest_extra,
     }
     try:

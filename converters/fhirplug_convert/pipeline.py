@@ -1,8 +1,13 @@
 """Recipe → plugin bundle, every step in order: data → fine-tune → ONNX → optimize → quantize → calibrate →
 parity gate → evaluate → package.
 
-Data problems stop the run before anything trains; a variant that fails the parity gate stops it before
-anything is packaged (unless the recipe allows dropping that variant).
+Data problems stop the run before anything trains. fp32 ONNX that disagrees with torch, or a variant the recipe
+lists in ``parity.require`` failing the parity gate, stops the run before anything is packaged. Any other variant
+that fails is left out: the bundle is written with the variants that passed, and the parity report's ``failed``
+names the ones left out (the CLI then exits 8; ``export.allow_drop`` makes such an omission expected, exit 0).
+
+Training values the recipe leaves out are chosen here (:func:`fhirplug_convert.recipe.resolve_training`), and
+recorded with where they came from in the manifest and the model card, as are the stage timings.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from fhirplug.manifest import Manifest
 from fhirplug_convert import _windows, export, finetune, quantize, validate
 from fhirplug_convert.datasets import Splits, load_splits
 from fhirplug_convert.evaluate import expected_calibration_error, fit_temperature, tune_thresholds
-from fhirplug_convert.package import BundleContent, prepare_out_dir, write_bundle
-from fhirplug_convert.recipe import Recipe, load_recipe, resolve_base_model
+from fhirplug_convert.package import BundleContent, portable_path, prepare_out_dir, recorded_base_model, write_bundle
+from fhirplug_convert.recipe import Recipe, load_recipe, resolve_base_model, resolve_training
 from fhirplug_convert.tasks import get_task
 
 __all__ = ["ConvertResult", "convert"]
@@ -39,7 +44,9 @@ class ConvertResult:
         metrics: test-split metrics per packaged variant, calibration and split sizes (= metrics.json).
         parity: the parity report (= parity.json).
         fused_operators: onnxruntime fusion counts of the fp32 graph.
-        timings: seconds per step.
+        timings: seconds per stage, in order: data, train, export, optimize, quantize, calibrate (text
+            classification) or terminology (token classification), parity, evaluate, package (= the model card's
+            table), then manifest (hashing and signing, after the card was written).
     """
 
     bundle: Path
@@ -49,9 +56,17 @@ class ConvertResult:
     fused_operators: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def left_out(self) -> list[str]:
+        """Variants that failed the parity gate and were left out without the recipe allowing it."""
+        return list(self.parity.get("failed", []))
+
 
 def _command(recipe: Recipe, out_dir: Path, overrides: dict[str, Any]) -> str:
-    parts = ["fhirplug", "convert", str(recipe.source), "--out", str(out_dir)]
+    # Run in the recipe's folder: paths relative to it, so no machine's absolute paths enter the model card.
+    folder = recipe.source.parent if recipe.source is not None else Path.cwd()
+    name = recipe.source.name if recipe.source is not None else "recipe.toml"
+    parts = ["fhirplug", "convert", name, "--out", portable_path(out_dir, folder)]
     for name, value in sorted(overrides.items()):
         if value is not None and name in ("max_steps", "epochs", "max_train_examples"):
             parts += [f"--{name.replace('_', '-')}", str(value)]
@@ -111,20 +126,45 @@ def convert(
     out = Path(out_dir).resolve()
     splits = load_splits(recipe)
     base = resolve_base_model(recipe)
+    recipe, resolved = resolve_training(recipe, len(splits.train))
     say(f"data: {splits.description}; {splits.counts()}")
+    say(
+        "training: "
+        + ", ".join(
+            f"{k} {v['value']:g} ({v['source']})" for k, v in resolved.items() if k != "early_stopping_patience"
+        )
+    )
     lap("data")
 
+    search: dict[str, Any] | None = None
     if from_checkpoint is not None:
         if recipe.task != "text-classification":
             raise ConvertError("--from-checkpoint: only text-classification checkpoints can be packaged again")
         trained, tokenizer = finetune.load_checkpoint(from_checkpoint, recipe)
         say(f"loaded the model this recipe fine-tuned earlier from {from_checkpoint} (no training)")
-    elif recipe.task == "token-classification":
-        from fhirplug_convert import token_classification as ner
-
-        trained, tokenizer = ner.train(recipe, base, splits.train, splits.validation, progress=progress, log=say)
     else:
-        trained, tokenizer = finetune.train(recipe, base, splits.train, splits.validation, progress=progress, log=say)
+        if recipe.task == "token-classification":
+            from fhirplug_convert import token_classification as ner
+
+            trainer = ner.train
+        else:
+            trainer = finetune.train
+
+        def run(trial: Recipe) -> tuple[finetune.TrainedModel, Any]:
+            return trainer(trial, base, splits.train, splits.validation, progress=progress, log=say)
+
+        if recipe.training.search is not None:
+            trained, tokenizer, search = finetune.search_learning_rate(recipe, run, log=say)
+            recipe = recipe.model_copy(
+                update={"training": recipe.training.model_copy(update={"learning_rate": search["chosen"]})}
+            )
+            resolved["learning_rate"] = {
+                "value": search["chosen"],
+                "source": "search",
+                "reason": f"best validation {search['metric']} of {len(search['trials'])} trials",
+            }
+        else:
+            trained, tokenizer = run(recipe)
     say(
         f"trained {trained.steps} steps ({recipe.method.kind}): {trained.trainable_parameters:,} of "
         f"{trained.total_parameters:,} parameters trainable"
@@ -135,16 +175,58 @@ def convert(
         finetune.save_checkpoint(trained, str(base), checkpoint)
         say(f"saved the PyTorch checkpoint to {checkpoint}")
 
+    record = {"resolved": resolved, "search": search, "timings": timings}
     with tempfile.TemporaryDirectory(prefix="fhirplug-convert-") as tmp:
         work = Path(tmp)
         if recipe.task == "token-classification":
+            from fhirplug_convert import token_classification as ner
+
             manifest, metrics, parity, fused = ner.build(
-                recipe, trained, tokenizer, splits, work, out, sign_key, _command(recipe, out, overrides), say, lap
+                recipe,
+                trained,
+                tokenizer,
+                splits,
+                work,
+                out,
+                sign_key,
+                _command(recipe, out, overrides),
+                say,
+                lap,
+                record=record,
             )
+            lap("manifest")
             return ConvertResult(out, manifest, metrics, parity, fused, timings)
-        result = _build(recipe, trained, tokenizer, splits, work, out, sign_key, overrides, say, lap)
-    timings.update(result.timings)
+        result = _build(recipe, trained, tokenizer, splits, work, out, sign_key, overrides, say, lap, record)
+    lap("manifest")
     return ConvertResult(result.bundle, result.manifest, result.metrics, result.parity, result.fused_operators, timings)
+
+
+def training_record(
+    recipe: Recipe, trained: finetune.TrainedModel, dataset: str, fused: dict[str, int], record: dict[str, Any]
+) -> dict[str, Any]:
+    """The manifest's ``training`` table: what trained, with which values (and where each came from)."""
+    return {
+        "base_model": recorded_base_model(recipe),
+        "method": recipe.method.kind,
+        "trainable_parameters": trained.trainable_parameters,
+        "total_parameters": trained.total_parameters,
+        "dataset": dataset,
+        "seed": recipe.training.seed,
+        "details": {
+            "method_options": _method_options(recipe),
+            "steps": trained.steps,
+            "best_epoch": trained.best_epoch,
+            "epochs": recipe.training.epochs,
+            "batch_size": recipe.training.batch_size,
+            "learning_rate": recipe.training.learning_rate,
+            "early_stopping_patience": recipe.training.early_stopping_patience,
+            # Each chosen value with its source: recipe, default (and why) or search.
+            "resolved": record.get("resolved", {}),
+            "max_tokens": trained.max_tokens,
+            "fused_operators": fused,
+            "opset": recipe.opset,
+        },
+    }
 
 
 def _int8_fallback(
@@ -197,6 +279,41 @@ def _int8_fallback(
     return path, notes, entry
 
 
+def export_variants(
+    recipe: Recipe,
+    trained: finetune.TrainedModel,
+    tokenizer: Any,
+    task: Any,
+    work: Path,
+    say: Callable[[str], None],
+    lap: Callable[[str], None],
+) -> tuple[Path, dict[str, Path], dict[str, int], Path]:
+    """Export → optimize → quantize, each stage timed (``lap``). Returns fp32, every variant, the fusion counts and
+    the tokenizer file."""
+    raw = work / "model.raw.onnx"
+    export.export_onnx(trained.module, raw, task, recipe.opset, int(trained.config.vocab_size))
+    tokenizer_path = work / "tokenizer.json"
+    export.save_tokenizer(tokenizer, tokenizer_path)
+    lap("export")
+    fp32 = work / "model.fp32.onnx"
+    fused: dict[str, int] = {}
+    if recipe.export.optimize:
+        fused = export.optimize_onnx(raw, fp32, trained.config)
+        say(f"optimized: fused {fused or 'nothing'}")
+    else:
+        raw.replace(fp32)
+    lap("optimize")
+    files = {"fp32": fp32}
+    if "int8" in recipe.export.variants:
+        files["int8"] = work / "model.int8.onnx"
+        quantize.quantize_int8(fp32, files["int8"])
+    if "fp16" in recipe.export.variants:
+        files["fp16"] = work / "model.fp16.onnx"
+        quantize.convert_fp16(fp32, files["fp16"])
+    lap("quantize")
+    return fp32, files, fused, tokenizer_path
+
+
 def _build(
     recipe: Recipe,
     trained: finetune.TrainedModel,
@@ -208,6 +325,7 @@ def _build(
     overrides: dict[str, Any],
     say: Callable[[str], None],
     lap: Callable[[str], None],
+    record: dict[str, Any],
 ) -> ConvertResult:
     task = get_task(recipe.task)
     labels = recipe.label_names
@@ -216,25 +334,7 @@ def _build(
     batch = recipe.training.eval_batch_size
     stride = recipe.training.stride
 
-    raw = work / "model.raw.onnx"
-    export.export_onnx(trained.module, raw, task, recipe.opset, int(trained.config.vocab_size))
-    fp32 = work / "model.fp32.onnx"
-    fused: dict[str, int] = {}
-    if recipe.export.optimize:
-        fused = export.optimize_onnx(raw, fp32, trained.config)
-        say(f"optimized: fused {fused or 'nothing'}")
-    else:
-        raw.replace(fp32)
-    files = {"fp32": fp32}
-    if "int8" in recipe.export.variants:
-        files["int8"] = work / "model.int8.onnx"
-        quantize.quantize_int8(fp32, files["int8"])
-    if "fp16" in recipe.export.variants:
-        files["fp16"] = work / "model.fp16.onnx"
-        quantize.convert_fp16(fp32, files["fp16"])
-    tokenizer_path = work / "tokenizer.json"
-    export.save_tokenizer(tokenizer, tokenizer_path)
-    lap("export")
+    fp32, files, fused, tokenizer_path = export_variants(recipe, trained, tokenizer, task, work, say, lap)
 
     windowed = _windows.window_tokenizer(tokenizer, trained.max_tokens, stride)
     pad = _windows.pad_id(windowed)
@@ -316,9 +416,12 @@ def _build(
                 path.replace(files["int8"])
         report["variants"][precision] = {"provider": used, **entry}
         variant_notes[precision] = notes
-    keep = validate.gate(report, recipe.export.allow_drop)
+    keep = validate.gate(report, recipe.export.allow_drop, recipe.parity.require)
     for precision, entry in report["variants"].items():
-        say(f"parity {precision}: {entry['status']}")
+        say(
+            f"parity {precision}: {entry['status']}"
+            + (f" ({'; '.join(entry['reasons'])})" if "reasons" in entry else "")
+        )
     lap("parity")
 
     test_texts = [e.text for e in splits.test]
@@ -341,6 +444,8 @@ def _build(
         "splits": splits.counts(),
         "history": trained.history,
     }
+    if record.get("search"):
+        metrics["search"] = record["search"]
     lap("evaluate")
 
     prepare_out_dir(out)
@@ -352,28 +457,10 @@ def _build(
         calibration={"temperature": temperature, "thresholds": thresholds, "default_threshold": 0.5},
         metrics=metrics,
         parity=report,
-        training={
-            "base_model": recipe.base_model,
-            "method": recipe.method.kind,
-            "trainable_parameters": trained.trainable_parameters,
-            "total_parameters": trained.total_parameters,
-            "dataset": splits.description,
-            "seed": recipe.training.seed,
-            "details": {
-                "method_options": _method_options(recipe),
-                "steps": trained.steps,
-                "best_epoch": trained.best_epoch,
-                "epochs": recipe.training.epochs,
-                "batch_size": recipe.training.batch_size,
-                "learning_rate": recipe.training.learning_rate,
-                "max_tokens": trained.max_tokens,
-                "fused_operators": fused,
-                "opset": recipe.opset,
-            },
-        },
+        training=training_record(recipe, trained, splits.description, fused, record),
+        timings=record["timings"],
         command=_command(recipe, out, overrides),
     )
-    manifest = write_bundle(out, recipe, content, fused=fused, signing_key=sign_key)
-    lap("package")
+    manifest = write_bundle(out, recipe, content, fused=fused, signing_key=sign_key, before_card=lambda: lap("package"))
     say(f"bundle: {out} ({', '.join(keep)})")
     return ConvertResult(out, manifest, metrics, report, fused)

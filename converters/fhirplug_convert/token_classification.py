@@ -292,8 +292,13 @@ def train(
 ) -> tuple[finetune.TrainedModel, Tokenizer]:
     """Fine-tune ``base`` for BIO tagging with the recipe's method; keep the epoch with the best validation
     strict entity micro-F1 (decoded as the runtime decodes)."""
+    if recipe.training.learning_rate is None or recipe.training.epochs is None:
+        from fhirplug_convert.recipe import resolve_training
+
+        recipe, _ = resolve_training(recipe, len(train_set))  # called directly, not through convert()
     types = recipe.label_names
     spec = recipe.training
+    assert spec.epochs is not None
     finetune._seed(spec.seed)
     model, tokenizer = load_base(base, types)
     max_tokens = finetune.window_size(model.config, recipe)
@@ -409,16 +414,22 @@ def build(
     command: str,
     say: Callable[[str], None],
     lap: Callable[[str], None],
+    record: dict[str, Any] | None = None,
 ) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, int]]:
     """Export → optimize → quantize → terminology → parity gate → test metrics → package.
+
+    ``record``: what the pipeline resolved (``resolved`` training values, ``search``, ``timings``) for the
+    manifest, metrics and model card.
 
     Returns:
         The manifest, the metrics, the parity report and the fused-operator counts.
     """
-    from fhirplug_convert import export, quantize, validate
+    from fhirplug_convert import validate
     from fhirplug_convert.package import BundleContent, prepare_out_dir, write_bundle
+    from fhirplug_convert.pipeline import export_variants, training_record
     from fhirplug_convert.tasks import get_task
 
+    record = record or {}
     assert recipe.entities is not None
     types = recipe.label_names
     task = get_task(recipe.task)
@@ -426,25 +437,7 @@ def build(
     batch = recipe.training.eval_batch_size
     stride = recipe.training.stride
 
-    raw = work / "model.raw.onnx"
-    export.export_onnx(trained.module, raw, task, recipe.opset, int(trained.config.vocab_size))
-    fp32 = work / "model.fp32.onnx"
-    fused: dict[str, int] = {}
-    if recipe.export.optimize:
-        fused = export.optimize_onnx(raw, fp32, trained.config)
-        say(f"optimized: fused {fused or 'nothing'}")
-    else:
-        raw.replace(fp32)
-    files = {"fp32": fp32}
-    if "int8" in recipe.export.variants:
-        files["int8"] = work / "model.int8.onnx"
-        quantize.quantize_int8(fp32, files["int8"])
-    if "fp16" in recipe.export.variants:
-        files["fp16"] = work / "model.fp16.onnx"
-        quantize.convert_fp16(fp32, files["fp16"])
-    tokenizer_path = work / "tokenizer.json"
-    export.save_tokenizer(tokenizer, tokenizer_path)
-    lap("export")
+    fp32, files, fused, tokenizer_path = export_variants(recipe, trained, tokenizer, task, work, say, lap)
 
     index, extra, facts = build_terminology(recipe, [*splits.train, *splits.validation], work)
     say(f"terminology: {facts['concepts']} concepts, {facts['names']} names")
@@ -516,7 +509,7 @@ def build(
         if reasons:
             entry["reasons"] = reasons
         report["variants"][precision] = entry
-    keep = validate.gate(report, recipe.export.allow_drop)
+    keep = validate.gate(report, recipe.export.allow_drop, recipe.parity.require)
     for precision, item in report["variants"].items():
         say(f"parity {precision}: {item['status']}")
     lap("parity")
@@ -538,9 +531,13 @@ def build(
         "splits": splits.counts(),
         "history": trained.history,
     }
+    if record.get("search"):
+        metrics["search"] = record["search"]
     lap("evaluate")
 
     entities = recipe.entities
+    training = training_record(recipe, trained, splits.description, fused, record)
+    training["details"]["tags"] = tag_names(types)  # the runtime's tag order
     prepare_out_dir(out)
     content = BundleContent(
         variants={p: files[p] for p in keep},
@@ -550,26 +547,8 @@ def build(
         calibration={"temperature": 1.0, "thresholds": {}, "default_threshold": 0.5},
         metrics=metrics,
         parity=report,
-        training={
-            "base_model": recipe.base_model,
-            "method": recipe.method.kind,
-            "trainable_parameters": trained.trainable_parameters,
-            "total_parameters": trained.total_parameters,
-            "dataset": splits.description,
-            "seed": recipe.training.seed,
-            "details": {
-                "method_options": {k: v for k, v in recipe.method.model_dump(mode="json").items() if k != "kind"},
-                "steps": trained.steps,
-                "best_epoch": trained.best_epoch,
-                "epochs": recipe.training.epochs,
-                "batch_size": recipe.training.batch_size,
-                "learning_rate": recipe.training.learning_rate,
-                "max_tokens": trained.max_tokens,
-                "fused_operators": fused,
-                "opset": recipe.opset,
-                "tags": tag_names(types),
-            },
-        },
+        training=training,
+        timings=record.get("timings", {}),
         command=command,
         extra_files={name: path for name, path in extra.items()},
         manifest_extra={
@@ -584,7 +563,6 @@ def build(
             }
         },
     )
-    manifest = write_bundle(out, recipe, content, fused=fused, signing_key=sign_key)
-    lap("package")
+    manifest = write_bundle(out, recipe, content, fused=fused, signing_key=sign_key, before_card=lambda: lap("package"))
     say(f"bundle: {out} ({', '.join(keep)})")
     return manifest, metrics, report, fused

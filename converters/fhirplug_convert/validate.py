@@ -8,8 +8,13 @@ On the validation split, windowed and batched as the runtime does:
   multi-label: every note × label decision).
 
 An fp16 model that no available provider can run is ``unverified`` and is not packaged (a GPU can verify it
-later). A variant that fails is not packaged; :func:`gate` raises :class:`ParityError` unless the recipe's
-``export.allow_drop`` lets it go.
+later). A variant that fails is not packaged. What :func:`gate` does then:
+
+- fp32 failed (the export disagrees with torch), or a variant in ``parity.require`` failed (or is unverified):
+  :class:`ParityError`, nothing is written.
+- the variant is in ``export.allow_drop``: status ``dropped``, the bundle is written without it (expected).
+- otherwise: status stays ``failed``, the bundle is written without it and the report's ``failed`` lists it (the
+  CLI exits 8, so a bundle that lacks a variant the recipe asked for is never mistaken for a complete one).
 """
 
 from __future__ import annotations
@@ -128,36 +133,49 @@ def compare_variant(
     return entry
 
 
-def gate(report: dict[str, Any], allow_drop: Sequence[str]) -> list[str]:
-    """Apply the verdicts: mark allowed failures ``dropped``; raise on any other failure.
+def gate(report: dict[str, Any], allow_drop: Sequence[str], require: Sequence[str] = ()) -> list[str]:
+    """Apply the verdicts: decide, for each variant that did not pass, whether the run stops or goes on without it.
 
     Args:
-        report: the parity report; ``report["variants"][precision]["status"]`` is read and updated.
-        allow_drop: variants the recipe lets go when they fail.
+        report: the parity report; ``report["variants"][precision]["status"]`` is read and updated, and
+            ``packaged``, ``dropped`` (every variant left out) and ``failed`` (left out although the recipe did not
+            allow it) are set.
+        allow_drop: variants the recipe lets go when they fail (``dropped``).
+        require: variants that must pass (fp32 always must).
 
     Returns:
         The precisions to package (passed ones), in report order.
 
     Raises:
-        ParityError: a variant failed and is not in ``allow_drop`` (fp32 never is).
+        ParityError: fp32 or a required variant failed (or, required, could not be verified).
     """
-    keep, failures = [], []
+    keep, fatal, left_out = [], [], []
     for precision, entry in report["variants"].items():
-        if entry["status"] == "passed":
+        status = entry["status"]
+        if status == "passed":
             keep.append(precision)
-        elif entry["status"] == "failed":
-            if precision in allow_drop:
-                entry["status"] = "dropped"
-                entry["note"] = "failed the parity gate; left out as export.allow_drop permits"
-            else:
-                failures.append(f"{precision}: {'; '.join(entry.get('reasons', ['failed']))}")
+            continue
+        why = "; ".join(entry.get("reasons", [entry.get("reason", status)]))
+        if precision == "fp32" or precision in require:
+            fatal.append(f"{precision}: {why}")
+        elif status == "failed" and precision in allow_drop:
+            entry["status"] = "dropped"
+            entry["note"] = "failed the parity gate; left out as export.allow_drop permits"
+        elif status == "failed":
+            left_out.append(precision)
+            entry["note"] = (
+                "failed the parity gate; left out, the bundle was written with the variants that passed (list it "
+                "in export.allow_drop to accept this, or in parity.require to make it stop the build)"
+            )
     report["packaged"] = keep
     report["dropped"] = [p for p, e in report["variants"].items() if e["status"] != "passed"]
-    if failures:
-        raise ParityError(
-            "parity gate failed — "
-            + " | ".join(failures)
-            + "; fix the variant, loosen [parity] in the recipe, or list it in export.allow_drop",
-            report,
+    report["failed"] = left_out
+    if fatal:
+        fix = (
+            "fp32 is the reference and must match torch: check the export (opset, optimize = false) or loosen "
+            "parity.max_abs_logit_diff"
+            if "fp32" in [f.split(":", 1)[0] for f in fatal]
+            else "fix the variant, loosen [parity] in the recipe, or take it out of parity.require"
         )
+        raise ParityError("parity gate failed — " + " | ".join(fatal) + f"; nothing was written. {fix}", report)
     return keep

@@ -5,7 +5,8 @@ and the error family's exit code.
 
 Exit codes: 0 ok · 1 other fhirplug error · 2 usage error (click) · 3 plugin not found, invalid, tampered or
 untrusted · 4 FHIR input with errors (good input is still predicted and written) · 5 provider or variant not
-available · 6 a missing extra · 7 convert failed (bad recipe or data, parity gate).
+available · 6 a missing extra · 7 convert failed (bad recipe or data, fp32 parity, a ``parity.require``
+variant) · 8 convert wrote a bundle without some variants (they failed the parity gate; see parity.json).
 """
 
 from __future__ import annotations

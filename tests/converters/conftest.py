@@ -12,6 +12,7 @@ import json
 import shutil
 import textwrap
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -112,11 +113,13 @@ def write_recipe(
     export: str = "",
     parity: str = "",
     top: str = "",
+    omit: tuple[str, ...] = (),
 ) -> Path:
     """A recipe in ``folder`` with the fixture data copied beside it (so relative paths are exercised).
 
     ``data``/``labels`` replace the [data] table / the label map; ``training``, ``export``, ``parity`` and
-    ``top`` add lines to those tables and to the top level.
+    ``top`` add lines to those tables and to the top level; ``omit`` drops [training] keys (e.g.
+    ``("learning_rate", "epochs")``) to leave them to the converter's defaults.
     """
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("notes.csv", "notes-multilabel.jsonl", "labels.csv", "synthea-like-bundle.json"):
@@ -190,4 +193,30 @@ def write_recipe(
         ),
         encoding="utf-8",
     )
+    if omit:
+        kept = [line for line in recipe.read_text(encoding="utf-8").splitlines() if line.split(" = ")[0] not in omit]
+        recipe.write_text("\n".join(kept) + "\n", encoding="utf-8")
     return recipe
+
+
+def corrupt_int8(monkeypatch: pytest.MonkeyPatch) -> None:
+    """int8 quantization that also negates the classifier's weight scale, so decisions flip."""
+    import onnx
+
+    import fhirplug_convert.quantize
+
+    real = fhirplug_convert.quantize.quantize_int8
+
+    def broken(source: Path, target: Path, keep_fp32: Sequence[str] = ()) -> None:
+        real(source, target, keep_fp32)
+        model = onnx.load(str(target))
+        hits = 0
+        for init in model.graph.initializer:
+            if "classifier" in init.name and init.name.endswith("_scale"):
+                values = onnx.numpy_helper.to_array(init)
+                init.CopyFrom(onnx.numpy_helper.from_array(-values, init.name))
+                hits += 1
+        assert hits == 1
+        onnx.save(model, str(target))
+
+    monkeypatch.setattr(fhirplug_convert.quantize, "quantize_int8", broken)

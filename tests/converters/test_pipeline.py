@@ -11,7 +11,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from numpy import testing as npt
-from tests.converters.conftest import LABELS, write_recipe
+from tests.converters.conftest import LABELS, corrupt_int8, write_recipe
 
 import fhirplug_convert.quantize
 import fhirplug_convert.validate
@@ -136,33 +136,38 @@ def test_the_runtime_matches_the_converters_evaluation(built: ConvertResult) -> 
 # --- one-off runs (full fine-tuning, few steps) -------------------------------------------------------------------
 
 
-def _corrupt_int8(monkeypatch: pytest.MonkeyPatch) -> None:
-    """int8 quantization that also negates the classifier's weight scale, so decisions flip."""
-    real = fhirplug_convert.quantize.quantize_int8
-
-    def broken(source: Path, target: Path, keep_fp32: Sequence[str] = ()) -> None:
-        real(source, target, keep_fp32)
-        model = onnx.load(str(target))
-        hits = 0
-        for init in model.graph.initializer:
-            if "classifier" in init.name and init.name.endswith("_scale"):
-                values = onnx.numpy_helper.to_array(init)
-                init.CopyFrom(onnx.numpy_helper.from_array(-values, init.name))
-                hits += 1
-        assert hits == 1
-        onnx.save(model, str(target))
-
-    monkeypatch.setattr(fhirplug_convert.quantize, "quantize_int8", broken)
+_corrupt_int8 = corrupt_int8
 
 
-def test_the_gate_rejects_a_broken_variant(tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_gate_rejects_a_broken_required_variant(
+    tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """int8 is in parity.require: its failure stops the build and nothing is written."""
     _corrupt_int8(monkeypatch)
-    recipe = write_recipe(tmp_path, tiny_base, export='variants = ["fp32", "int8"]')
-    with pytest.raises(ParityError, match=r"parity gate failed — int8: accuracy drops .* points") as caught:
+    recipe = write_recipe(
+        tmp_path, tiny_base, export='variants = ["fp32", "int8"]\nint8_fallback = false', parity='require = ["int8"]'
+    )
+    with pytest.raises(ParityError, match=r"parity gate failed — int8: .*; nothing was written") as caught:
         convert(recipe, tmp_path / "bundle", progress=False)
     entry = caught.value.report["variants"]["int8"]
     assert entry["status"] == "failed" and entry["agreement"] < 0.98
     assert not (tmp_path / "bundle").exists()
+
+
+def test_a_broken_variant_is_left_out_and_the_rest_is_written(
+    tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not required, not allowed to drop: the bundle is still written (fp32), and the report says int8 failed."""
+    _corrupt_int8(monkeypatch)
+    recipe = write_recipe(tmp_path, tiny_base, export='variants = ["fp32", "int8"]\nint8_fallback = false')
+    result = convert(recipe, tmp_path / "bundle", progress=False)
+    manifest = verify_bundle(result.bundle, allow_unsigned=True).manifest
+    assert [v.precision for v in manifest.variants] == ["fp32"]
+    assert result.left_out == ["int8"] and result.parity["packaged"] == ["fp32"]
+    entry = json.loads((result.bundle / "parity.json").read_text())["variants"]["int8"]
+    assert entry["status"] == "failed" and entry["agreement"] < 0.98
+    assert any(reason.startswith("accuracy drops") for reason in entry["reasons"])
+    assert "Left out: int8 failed the parity gate" in (result.bundle / "README.md").read_text()
 
 
 def test_int8_falls_back_to_mixed_precision(tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -185,3 +185,98 @@ def test_an_unknown_task_in_a_recipe(tmp_path: Path) -> None:
     path.write_text(path.read_text().replace('task = "text-classification"', 'task = "summarization"'))
     with pytest.raises(ConvertError, match="unknown task 'summarization'; known tasks: text-classification"):
         load_recipe(path)
+
+
+# --- defaults per method, search, parity.require ------------------------------------------------------------------
+
+_BARE = """\
+name = "bare"
+version = "1"
+license = "MIT"
+intended_use = "tests"
+[data]
+format = "csv"
+path = "notes.csv"
+[[labels]]
+label = "a"
+system = "http://snomed.info/sct"
+code = "1"
+display = "A"
+[method]
+kind = "{kind}"
+{training}
+"""
+
+
+def _bare(tmp_path: Path, kind: str = "lora", training: str = "") -> Path:
+    path = tmp_path / "bare.toml"
+    path.write_text(_BARE.format(kind=kind, training=training), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(("kind", "rate"), [("full", 1e-4), ("bitfit", 5e-4), ("lora", 1e-3), ("prompt-tuning", 1e-2)])
+def test_a_recipe_without_training_gets_per_method_defaults(tmp_path: Path, kind: str, rate: float) -> None:
+    from fhirplug_convert.recipe import resolve_training
+
+    recipe = load_recipe(_bare(tmp_path, kind))
+    assert recipe.training.learning_rate is None and recipe.training.epochs is None  # left to the converter
+    resolved, used = resolve_training(recipe, train_examples=840)
+    assert resolved.training.learning_rate == rate
+    assert resolved.training.epochs == 16  # 840 / 16 = 53 steps per epoch; ~800 steps
+    assert used["learning_rate"]["source"] == "default" and used["learning_rate"]["reason"].startswith(kind)
+    assert (
+        used["epochs"]
+        == {
+            "value": 16,
+            "source": "default",
+            "reason": used["epochs"]["reason"],
+        }
+        and "840 training examples" in used["epochs"]["reason"]
+    )
+    assert used["early_stopping_patience"] == {"value": 3, "source": "default"}
+
+
+def test_epochs_follow_the_data_size() -> None:
+    from fhirplug_convert.recipe import default_epochs
+
+    assert [default_epochs(n, 16) for n in (30, 840, 2000, 20000)] == [20, 16, 7, 3]
+    assert default_epochs(840, 32) == 20  # 27 steps per epoch: 30 wanted, capped
+
+
+def test_explicit_training_values_win(tmp_path: Path) -> None:
+    from fhirplug_convert.recipe import resolve_training
+
+    recipe = load_recipe(_bare(tmp_path, "lora", "[training]\nlearning_rate = 2e-4\nepochs = 2"))
+    resolved, used = resolve_training(recipe, train_examples=50)
+    assert (resolved.training.learning_rate, resolved.training.epochs) == (2e-4, 2)
+    assert used["learning_rate"] == {"value": 2e-4, "source": "recipe"}
+    assert used["epochs"] == {"value": 2, "source": "recipe"}
+    # An override is explicit too.
+    overridden, used = resolve_training(load_recipe(_bare(tmp_path, "lora"), learning_rate=7e-4), 50)
+    assert overridden.training.learning_rate == 7e-4 and used["learning_rate"]["source"] == "recipe"
+
+
+def test_search_candidates_and_conflicts(tmp_path: Path) -> None:
+    recipe = load_recipe(_bare(tmp_path, "lora", "[training]\nsearch = { learning_rate = [1e-4, 1e-3] }"))
+    assert recipe.training.search is not None
+    assert recipe.training.search.candidates(5.0) == [1e-4, 1e-3]
+    trials = load_recipe(_bare(tmp_path, "lora", "[training]\nsearch = { trials = 3 }")).training.search
+    assert trials is not None and trials.candidates(1e-3) == [3.3e-4, 1e-3, 3e-3]
+    for training, message in [
+        ("[training]\nlearning_rate = 1e-3\nsearch = { trials = 2 }", "give learning_rate or search, not both"),
+        ("[training]\nsearch = { trials = 2, learning_rate = [1e-4, 1e-3] }", "exactly one"),
+        ("[training]\nsearch = { learning_rate = [1e-4, 1e-4] }", "distinct positive"),
+        ("[training]\nsearch = { learning_rate = [1e-4] }", r"training\.search\.learning_rate"),
+    ]:
+        with pytest.raises(ConvertError, match=message):
+            load_recipe(_bare(tmp_path, "lora", training))
+
+
+def test_parity_require_must_name_built_variants(tmp_path: Path) -> None:
+    recipe = load_recipe(_recipe(tmp_path, parity='require = ["int8"]'))
+    assert recipe.parity.require == ("int8",)
+    assert "require" not in recipe.tolerance()
+    with pytest.raises(ConvertError, match=r"parity\.require names \['fp16'\], which are not in export\.variants"):
+        load_recipe(_recipe(tmp_path, parity='require = ["fp16"]', export='variants = ["fp32", "int8"]'))
+    with pytest.raises(ConvertError, match=r"both in parity\.require and export\.allow_drop"):
+        load_recipe(_recipe(tmp_path, parity='require = ["int8"]', export='allow_drop = ["int8"]'))
