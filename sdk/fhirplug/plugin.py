@@ -52,6 +52,8 @@ class PredictionResult:
     #: Resources of unsent input transactions by ``urn:uuid:`` fullUrl: a transaction output carries those its
     #: outputs reference (the note, its subject), so one POST stores notes and predictions together.
     inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The input transaction's own ``entry.request`` for each of ``inputs`` (kept when an id-less input is POSTed).
+    input_requests: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def has_errors(self) -> bool:
@@ -71,7 +73,9 @@ class PredictionResult:
         did not carry) is left out, never emitted dangling; each such case is added to ``issues`` as a warning.
         """
         warnings: list[Issue] = []
-        bundle = to_bundle(self.resources(), kind, inputs=self.inputs, warnings=warnings)
+        bundle = to_bundle(
+            self.resources(), kind, inputs=self.inputs, input_requests=self.input_requests, warnings=warnings
+        )
         self._note(warnings)
         return bundle
 
@@ -283,9 +287,10 @@ class Plugin:
         read: list[tuple[TextSource, str | None]] = []
         issues: list[Issue] = []
         unsent: dict[str, dict[str, Any]] = {}
+        requests: dict[str, dict[str, Any]] = {}
         for name, data in _pairs(inputs):
-            self._read(data, str(name), read, issues, unsent)
-        return self._predict_read(read, issues, started, unsent)
+            self._read(data, str(name), read, issues, unsent, requests)
+        return self._predict_read(read, issues, started, unsent, requests)
 
     def predict_files(self, paths: Iterable[str | os.PathLike[str]]) -> PredictionResult:
         """Read and predict several FHIR files (JSON or NDJSON) as one run with one Provenance.
@@ -300,6 +305,7 @@ class Plugin:
         read: list[tuple[TextSource, str | None]] = []
         issues: list[Issue] = []
         unsent: dict[str, dict[str, Any]] = {}
+        requests: dict[str, dict[str, Any]] = {}
         for path in _checked(paths, (str, os.PathLike), "paths"):
             try:
                 raw = Path(path).read_bytes()
@@ -307,8 +313,8 @@ class Plugin:
                 why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 issues.append(Issue("error", "not-found", f"cannot read the file ({why})", source=str(path)))
                 continue
-            self._read(raw, str(path), read, issues, unsent)
-        return self._predict_read(read, issues, started, unsent)
+            self._read(raw, str(path), read, issues, unsent, requests)
+        return self._predict_read(read, issues, started, unsent, requests)
 
     # --- the one pipeline every public method runs -------------------------------------------------------------
 
@@ -319,6 +325,7 @@ class Plugin:
         into: list[tuple[TextSource, str | None]],
         issues: list[Issue],
         unsent: dict[str, dict[str, Any]] | None = None,
+        requests: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         try:
             result = read_fhir(
@@ -335,6 +342,9 @@ class Plugin:
         if unsent is not None:
             for url, resource in result.unsent.items():
                 unsent.setdefault(url, resource)
+        if requests is not None:
+            for url, request in result.unsent_requests.items():
+                requests.setdefault(url, request)
 
     def _predict_read(
         self,
@@ -342,6 +352,7 @@ class Plugin:
         issues: list[Issue],
         started: float,
         unsent: dict[str, dict[str, Any]] | None = None,
+        requests: dict[str, dict[str, Any]] | None = None,
     ) -> PredictionResult:
         read_done = time.perf_counter()
         sources = [s for s, _ in read]
@@ -356,6 +367,7 @@ class Plugin:
             recorded=datetime.now(UTC).replace(microsecond=0),
             timings={"read_s": read_done - started, "predict_s": done - read_done, "total_s": done - started},
             inputs=unsent or {},
+            input_requests=requests or {},
         )
 
     def _predict(self, sources: list[TextSource], names: list[str | None]) -> tuple[list[Prediction], list[Issue]]:

@@ -67,7 +67,9 @@ def test_prefetch_bundle_gives_a_card_per_code_and_a_record_suggestion(base_url:
     assert "AI-generated" in coded["source"]["label"]
     (suggestion,) = record["suggestions"]
     created = [a["resource"]["resourceType"] for a in suggestion["actions"]]
-    assert created == ["RiskAssessment", "Device", "Provenance"]
+    # The coding, then the model's AIModelCard DocumentReference, its AIDevice and the run's AIProvenance.
+    assert created == ["RiskAssessment", "DocumentReference", "Device", "Provenance"]
+    assert record["summary"].startswith("Record 1 AI-generated coding(s)")
     risk = suggestion["actions"][0]["resource"]
     assert {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "AIAST"} in [
         {k: c[k] for k in ("system", "code")} for c in risk["meta"]["security"]

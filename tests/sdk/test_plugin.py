@@ -10,6 +10,7 @@ from fhir.resources.R4B import get_fhir_model_class
 
 from fhirplug import load_plugin
 from fhirplug.errors import PluginError, PluginNotFoundError
+from fhirplug.fhir.writer import AI_MODEL_CARD_PROFILE
 from tests.conftest import TINY_PLUGIN
 from tests.sdk.helpers import collection, document_reference
 
@@ -77,18 +78,28 @@ def test_fhir_output_validates_and_is_labelled(tiny_plugin) -> None:
     kinds = [e["resource"]["resourceType"] for e in bundle["entry"]]
     assert kinds.count("RiskAssessment") == len(result.predictions) >= 2
     assert kinds.count("Provenance") == 1 and kinds.count("Device") == 1
-    assert all(e["request"]["method"] == "POST" for e in bundle["entry"])
+    # Idempotent by id: every generated entry is PUT Type/<deterministic id>, nothing conditional.
+    assert all(
+        e["request"] == {"method": "PUT", "url": f"{e['resource']['resourceType']}/{e['resource']['id']}"}
+        for e in bundle["entry"]
+    )
     for entry in bundle["entry"]:
+        if entry["resource"]["resourceType"] == "DocumentReference":  # the model card: written by people, not AI
+            assert entry["resource"]["meta"]["profile"] == [AI_MODEL_CARD_PROFILE]
+            continue
         assert any(AIAST.items() <= s.items() for s in entry["resource"]["meta"]["security"]), entry
     risk = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "RiskAssessment")
     assert risk["subject"] == {"reference": "Patient/p1"}
     assert risk["encounter"] == {"reference": "Encounter/e1"}
     provenance = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Provenance")
     assert len(provenance["target"]) == len(result.predictions)
-    assert {e["what"]["reference"] for e in provenance["entity"]} == {
+    assert {e["what"]["reference"] for e in provenance["entity"] if e["role"] == "source"} == {
         "DocumentReference/a",
         "DocumentReference/b",
     }
+    # The model card is the other entity (AIProvenance: what the output derives from), by its fullUrl.
+    (card,) = [e for e in bundle["entry"] if e["resource"]["resourceType"] == "DocumentReference"]
+    assert [e["what"]["reference"] for e in provenance["entity"] if e["role"] == "derivation"] == [card["fullUrl"]]
 
 
 def test_ndjson_output(tiny_plugin) -> None:

@@ -76,6 +76,8 @@ class Walk:
         #: fullUrl: the writer copies those an output references into an output transaction, so one POST stores
         #: the notes, their subject and the predictions together (see fhirplug.fhir.writer).
         self.unsent: dict[str, dict[str, Any]] = {}
+        #: Their ``entry.request`` (the input's own method and ``ifNoneExist``), by the same key.
+        self.unsent_requests: dict[str, dict[str, Any]] = {}
 
     def _issue(self, severity: Severity, code: str, text: str, expression: str | None, source: str) -> None:
         self.issues.append(Issue(severity, code, text, (expression,) if expression else (), source))
@@ -303,14 +305,21 @@ class Walk:
             request = entry.get("request")
             if (
                 bundle.get("type") in ("transaction", "batch")
-                and isinstance(full_url, str)
-                and full_url.startswith("urn:uuid:")
                 and isinstance(request, Mapping)
                 and request.get("method") in ("POST", "PUT")
                 and isinstance(resource, Mapping)
                 and isinstance(resource.get("resourceType"), str)
             ):
-                self.unsent.setdefault(full_url, dict(resource))
+                key: str | None = None
+                if isinstance(full_url, str) and full_url.startswith("urn:uuid:"):
+                    key = full_url
+                elif full_url is None and isinstance(resource.get("id"), str):
+                    # Named only by Type/id: a placeholder of our own lets the writer carry it (PUT Type/id).
+                    named = f"https://fhirplug.dev/fhir/unsent/{resource['resourceType']}/{resource['id']}"
+                    key = f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, named)}"
+                if key is not None and key not in self.unsent:
+                    self.unsent[key] = dict(resource)
+                    self.unsent_requests[key] = dict(request)
             yield from self._value(
                 resource,
                 f"{here}.resource",

@@ -65,6 +65,8 @@ class ReadResult:
     issues: list[Issue]
     resources_read: int
     unsent: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The input's own ``entry.request`` of each ``unsent`` resource, by the same key.
+    unsent_requests: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @functools.cache
@@ -282,7 +284,7 @@ def read_fhir(
                     source_name,
                 )
             )
-    return ReadResult(sources, issues, read, walk.unsent)
+    return ReadResult(sources, issues, read, walk.unsent, walk.unsent_requests)
 
 
 def read_fhir_files(
@@ -299,6 +301,7 @@ def read_fhir_files(
     sources: list[TextSource] = []
     issues: list[Issue] = []
     unsent: dict[str, dict[str, Any]] = {}
+    requests: dict[str, dict[str, Any]] = {}
     read = 0
     for path in paths:
         try:
@@ -312,7 +315,9 @@ def read_fhir_files(
         read += result.resources_read
         for url, resource in result.unsent.items():
             unsent.setdefault(url, resource)
-    return ReadResult(sources, issues, read, unsent)
+        for url, request in result.unsent_requests.items():
+            requests.setdefault(url, request)
+    return ReadResult(sources, issues, read, unsent, requests)
 
 
 def iter_resources(

@@ -42,15 +42,36 @@ as entities); each clinical resource carries the calibrated probability in the I
 (defined in the IG's continuous build; the ballot has no confidence extension). ``meta.profile`` names each
 profile with its version.
 
-**Ids and references.** Ids are UUIDv5 of what a resource says (source, element, plugin identity, code, span),
-so re-running the same input yields the same resources; only run timestamps (``recorded``, ``recordedDate`` ...)
+**Ids and references.** Ids are UUIDv5 of what a resource says (source, element, plugin identity, code, span;
+the Device and model card: the manifest hash; the Provenance: plugin identity and its sorted targets), so
+re-running the same input yields the same resources; only run timestamps (``recorded``, ``recordedDate`` ...)
 differ. Resources reference each other as ``ResourceType/id`` (the NDJSON form); :func:`to_bundle` links a
-Bundle's entries by ``urn:uuid:`` fullUrls. In a ``transaction`` every entry is a conditional create
-(``ifNoneExist`` on the resource's stable identifier): a re-run or a retry creates nothing twice, and never
-overwrites a Condition a clinician has since confirmed or refuted (a ``PUT`` by id would); it also works on
-servers that refuse update-as-create. The Provenance (R4 gives it no identifier) is a plain ``POST``: each run is
-recorded. No output holds a reference that cannot resolve: a reference to neither an entry of the Bundle nor a
-``Type/id`` is left out (the Reference keeps its display) and a warning issue says so.
+Bundle's entries by ``urn:uuid:<id>`` fullUrls, which a collection resolves inside itself and a server
+resolves in a transaction. No output holds a reference that cannot resolve: a reference to neither an entry of
+the Bundle nor a ``Type/id`` is left out (the Reference keeps its display) and a warning issue says so.
+
+**Transactions are idempotent by id.** Every generated entry of a ``transaction`` (predictions, model card,
+Device, Provenance) is ``PUT Type/<id>``: posting the output twice, or re-running the same plugin on the same
+note and posting again, leaves the same resources (same ids, same count: one Device, one card, one Provenance
+per run identity), each with a new version; only the run times in them change. No entry is conditional
+(``ifNoneExist``, ``PUT Type?search``): a server must then run the transaction serializably, and Medplum refuses
+such a transaction above 8 entries ("Transaction requires strict isolation but has too many entries"; one NER
+note gives 18). The identifiers stay on the resources (the prediction identifier, the Device's model hash),
+for search. Input resources the outputs reference that come from an unsent input transaction travel with the
+output under their input fullUrl: ``PUT Type/<id>`` when the input named them with an id (an EHR export such as
+Synthea does), else ``POST`` as the input had it (an ``ifNoneExist`` only when the input's own request had one,
+which is the input's choice, and its cost on servers like Medplum).
+
+The price of idempotency: **the AI's resources belong to the AI run.** A re-run writes them again, so an edit
+made in place (a clinician setting a suggested Condition to confirmed or refuted) is overwritten by the next run
+of that plugin on that note. A clinician who confirms or refutes a suggestion records it as their own resource
+(a copy of the Condition with their ``verificationStatus``, ``asserter`` and a Provenance of their own), never by
+editing the AI's. The server must allow update-as-create with client-assigned ids: HAPI does for ids that are
+not all digits (fhirplug's are UUIDs), Medplum's FhirRouter does (the tests' server), Google Cloud Healthcare
+needs ``enableUpdateCreate`` on the FHIR store. An input's own id travels as the input gave it, so a server that
+takes only some ids (UUIDs, say) takes that input's resources only if it would have taken the input. Medplum
+allows 50 updates per transaction: outputs much larger than one note's (a whole export) go as NDJSON through
+bulk ``$import`` rather than as one transaction; :func:`to_bundle` splits nothing.
 """
 
 from __future__ import annotations
@@ -124,6 +145,7 @@ _UNKNOWN_SUBJECT = {"display": "unknown subject (not given in the source)"}
 _VER_DISPLAY = {"refuted": "Refuted", "unconfirmed": "Unconfirmed", "provisional": "Provisional"}
 #: Ids are UUIDv5 in this namespace: the same facts give the same id on every run and every machine.
 _NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://fhirplug.dev/fhir")
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _RELATIVE = re.compile(r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}(/_history/[A-Za-z0-9\-.]{1,64})?$")
 _ABSOLUTE = re.compile(r"^https?://\S+/[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}(/_history/[A-Za-z0-9\-.]{1,64})?$")
 
@@ -173,9 +195,9 @@ def _meta(profile: str | None = None) -> dict[str, Any]:
 
 
 def _own_identifier(rid: str) -> list[dict[str, Any]]:
-    # The id as an identifier: what a transaction's ifNoneExist searches for, since a server assigns new ids.
-    # Not "urn:uuid:<id>": that is the entry's fullUrl, and servers (Medplum) rewrite every string equal to a
-    # fullUrl into the new Type/id, identifiers included, so the identifier would never match again.
+    # The id as an identifier, so the prediction is found by search on any copy of it (an export, another
+    # server that assigned its own id). Not "urn:uuid:<id>": that is the entry's fullUrl, and servers (Medplum)
+    # rewrite every string holding a fullUrl into the Type/id, identifiers included.
     return [{"system": PREDICTION_ID_SYSTEM, "value": rid}]
 
 
@@ -448,6 +470,8 @@ def _provenance(
         entities.append({"role": "derivation", "what": {"reference": card_ref}})
     return {
         "resourceType": "Provenance",
+        # One Provenance per run identity (this plugin build, these targets): a re-run PUTs the same one again,
+        # with its new ``recorded`` and what ran (variant, provider), rather than adding one per run.
         "id": _uuid("Provenance", model.identity, *sorted(targets)),
         "meta": _meta(AI_PROVENANCE_PROFILE),
         "target": [{"reference": t} for t in targets],
@@ -597,11 +621,26 @@ class _Linker:
         return value
 
 
-def _condition_query(resource: Mapping[str, Any]) -> str | None:
-    for identifier in resource.get("identifier", []) if isinstance(resource.get("identifier"), list) else []:
-        if isinstance(identifier, Mapping) and identifier.get("system") and identifier.get("value"):
-            return f"identifier={identifier['system']}|{identifier['value']}"
-    return None
+def _input_request(resource: Mapping[str, Any], own: Mapping[str, Any] | None) -> dict[str, Any]:
+    """How an input resource travels: by its own id when it has one, else created as the input asked."""
+    rtype, rid = resource["resourceType"], resource.get("id")
+    if isinstance(rid, str) and _ID.fullmatch(rid):
+        return {"method": "PUT", "url": f"{rtype}/{rid}"}
+    request: dict[str, Any] = {"method": "POST", "url": rtype}
+    # A conditional create only when the input asked for one: it is the input's choice (and, on Medplum, its
+    # cost: a conditional entry makes the whole transaction serializable, refused above 8 entries).
+    query = own.get("ifNoneExist") if own and own.get("method") == "POST" else None
+    if isinstance(query, str) and query:
+        request["ifNoneExist"] = query
+    return request
+
+
+def _output_request(resource: Mapping[str, Any]) -> dict[str, Any]:
+    rid = resource.get("id")
+    if isinstance(rid, str) and _ID.fullmatch(rid):
+        return {"method": "PUT", "url": f"{resource['resourceType']}/{rid}"}
+    # Only a resource from elsewhere can lack a (valid) id; all build_resources writes have one.
+    return {"method": "POST", "url": resource["resourceType"]}
 
 
 def _unique(resources: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -642,6 +681,7 @@ def to_bundle(
     kind: Literal["collection", "transaction"] = "collection",
     *,
     inputs: Mapping[str, Mapping[str, Any]] | None = None,
+    input_requests: Mapping[str, Mapping[str, Any]] | None = None,
     warnings: list[Issue] | None = None,
 ) -> dict[str, Any]:
     """Wrap resources in a Bundle whose entries reference each other by ``urn:uuid:`` fullUrls.
@@ -650,11 +690,14 @@ def to_bundle(
         resources: resources with ``resourceType`` and ``id`` (those of :func:`build_resources`); the inputs
             are not changed; a resource given twice (same type and id) is written once.
         kind: ``collection`` (a document of results, with a timestamp) or ``transaction`` (ready to POST to a
-            FHIR server: each entry a conditional create on its identifier, see the module docstring).
-        inputs: for a ``transaction``: the resources of an unsent input transaction (those its ``POST`` entries
-            would create), by fullUrl. Those the outputs refer to (by fullUrl or ``Type/id``), and those they
-            refer to in turn, are written into the transaction with the same fullUrl (``POST``, ``ifNoneExist``
-            on their first identifier), so one POST stores notes and predictions together.
+            FHIR server: each entry ``PUT Type/<id>``, idempotent; see the module docstring for what that asks
+            of the server and what it means for edits made to the AI's resources).
+        inputs: for a ``transaction``: the resources of an unsent input transaction (those its entries would
+            create), by fullUrl. Those the outputs refer to (by fullUrl or ``Type/id``), and those they refer to
+            in turn, are written into the transaction with the same fullUrl, so one POST stores notes and
+            predictions together: ``PUT Type/<id>`` when the input resource has an id, else ``POST``.
+        input_requests: the input transaction's own ``entry.request`` by fullUrl (optional): an input resource
+            without an id that the input created with ``ifNoneExist`` keeps it; without this, none does.
         warnings: issues are appended here for every reference left out because it could not resolve.
 
     Returns:
@@ -679,25 +722,18 @@ def to_bundle(
     for full_url in included:
         resource = inputs[full_url] if inputs else {}
         i = len(entries)
-        entry: dict[str, Any] = {
-            "fullUrl": full_url,
-            "resource": linker.link(copy.deepcopy(dict(resource)), f"Bundle.entry[{i}].resource"),
-        }
-        request: dict[str, Any] = {"method": "POST", "url": resource["resourceType"]}
-        query = _condition_query(resource)
-        if query:
-            request["ifNoneExist"] = query
-        entry["request"] = request
-        entries.append(entry)
+        entries.append(
+            {
+                "fullUrl": full_url,
+                "resource": linker.link(copy.deepcopy(dict(resource)), f"Bundle.entry[{i}].resource"),
+                "request": _input_request(resource, (input_requests or {}).get(full_url)),
+            }
+        )
     for resource, full_url in zip(unique, full_urls, strict=True):
         i = len(entries)
         entry = {"fullUrl": full_url, "resource": linker.link(dict(resource), f"Bundle.entry[{i}].resource")}
         if kind == "transaction":
-            request = {"method": "POST", "url": resource["resourceType"]}
-            query = _condition_query(resource)
-            if query:  # the Provenance has no identifier in R4: each run's is recorded
-                request["ifNoneExist"] = query
-            entry["request"] = request
+            entry["request"] = _output_request(resource)
         entries.append(entry)
     bundle: dict[str, Any] = {
         "resourceType": "Bundle",

@@ -35,9 +35,9 @@ AI_TYPE = {"system": f"{IG}/CodeSystem/AIdeviceTypeCS", "code": "Artificial-Inte
 NOTE = "Seen for stable angina. No chest pain today."
 
 
-def run(card: str | None = CARD) -> list[dict[str, Any]]:
+def run(card: str | None = CARD, reference: str = "DocumentReference/n1") -> list[dict[str, Any]]:
     source = TextSource(
-        "DocumentReference/n1",
+        reference,
         "DocumentReference",
         "DocumentReference.content[0].attachment",
         NOTE,
@@ -146,7 +146,9 @@ def test_model_card_is_the_plugin_readme_as_an_ai_model_card() -> None:
     (entry,) = [
         e for e in to_bundle(run(), "transaction")["entry"] if e["resource"]["resourceType"] == "DocumentReference"
     ]
-    assert entry["request"]["ifNoneExist"] == "identifier=urn:ietf:rfc:3986|urn:sha256:" + "ef" * 32
+    # Stored by its id, a hash of the bundle's manifest: every run of this build PUTs the one card again.
+    assert entry["request"] == {"method": "PUT", "url": f"DocumentReference/{card['id']}"}
+    assert card["id"] == one(run(card="another text"), "DocumentReference")["id"]
     assert not [r for r in run(card=None) if r["resourceType"] == "DocumentReference"]
 
 
@@ -264,15 +266,29 @@ def test_a_fhir_server_stores_a_rerun_once() -> None:
         for _ in range(2):
             status, answer = fhir_tools.fhir_request(base, "POST", "", bundle)
             assert status == 200, json.dumps(answer)[:1000]
-        counts = {
-            kind: len(fhir_tools.search(base, kind))
-            for kind in ("Condition", "Device", "DocumentReference", "Provenance")
-        }
-        # Conditional creates: the second run stored no second Condition, Device or card; each run has its Provenance.
-        assert counts == {"Condition": 2, "Device": 1, "DocumentReference": 1, "Provenance": 2}
+        kinds = ("Condition", "Device", "DocumentReference", "Provenance")
+
+        def counts() -> dict[str, int]:
+            return {kind: len(fhir_tools.search(base, kind)) for kind in kinds}
+
+        # PUT by id: the second post replaced what the first stored; one Provenance for the one run identity.
+        assert counts() == {"Condition": 2, "Device": 1, "DocumentReference": 1, "Provenance": 1}
         (device,) = fhir_tools.search(base, "Device")
         (card,) = fhir_tools.search(base, "DocumentReference")
+        (provenance,) = fhir_tools.search(base, "Provenance")
+        written = {r["resourceType"]: r["id"] for r in run()}
+        assert (device["id"], card["id"], provenance["id"]) == (
+            written["Device"],
+            written["DocumentReference"],
+            written["Provenance"],
+        )
+        _, history = fhir_tools.fhir_request(base, "GET", f"Device/{device['id']}/_history")
+        assert len(history["entry"]) == 2, "the second post made a second version of the one Device"
         (link,) = [e for e in device["extension"] if e["url"] == MODEL_CARD_URL]
         assert link["valueReference"]["reference"] == f"DocumentReference/{card['id']}"
+        # Another note is another run identity: its own Provenance and Condition, the same Device and card.
+        other = to_bundle(run(reference="DocumentReference/n2"), "transaction")
+        assert fhir_tools.fhir_request(base, "POST", "", other)[0] == 200
+        assert counts() == {"Condition": 4, "Device": 1, "DocumentReference": 1, "Provenance": 2}
     finally:
         server.stop()

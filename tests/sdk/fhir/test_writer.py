@@ -190,15 +190,15 @@ def test_transaction_bundle_links_by_urn_uuid_and_leaves_inputs_alone() -> None:
     assert json.dumps(resources) == before
     assert bundle["type"] == "transaction"
     entries = bundle["entry"]
+    # Idempotent by id, nothing conditional: a re-post replaces what the last one stored (no ifNoneExist, which
+    # would make the server run the transaction serializably; Medplum refuses that above 8 entries).
     assert [e["request"] for e in entries] == [
-        {
-            "method": "POST",
-            "url": "RiskAssessment",
-            "ifNoneExist": f"identifier={PREDICTION_ID_SYSTEM}|{resources[0]['id']}",
-        },
-        {"method": "POST", "url": "Device", "ifNoneExist": "identifier=urn:ietf:rfc:3986|urn:sha256:" + "ab" * 32},
-        {"method": "POST", "url": "Provenance"},  # R4 Provenance has no identifier: each run is recorded
+        {"method": "PUT", "url": f"RiskAssessment/{resources[0]['id']}"},
+        {"method": "PUT", "url": f"Device/{resources[1]['id']}"},
+        {"method": "PUT", "url": f"Provenance/{resources[2]['id']}"},
     ]
+    # The identifier stays on the prediction: what a search finds it by in a copy with other ids.
+    assert entries[0]["resource"]["identifier"] == [{"system": PREDICTION_ID_SYSTEM, "value": resources[0]["id"]}]
     full_urls = [e["fullUrl"] for e in entries]
     assert full_urls == [f"urn:uuid:{r['id']}" for r in resources]
     risk, _, provenance = (e["resource"] for e in entries)
@@ -336,7 +336,15 @@ def test_the_shipped_transaction_example_has_no_unresolved_reference() -> None:
     ]
     # The unread PDF DocumentReference (entry 4 of the input) is not needed, so it is not sent.
     assert "urn:uuid:6f1c2a52-2b1e-4c3e-9a51-0c6a1d1e0004" not in {e["fullUrl"] for e in entries}
-    assert all(e["request"]["method"] == "POST" for e in entries)
+    # The input named its resources (demo-3, abstract-crohn, report-infarction): they travel under those ids.
+    assert [e["request"] for e in entries[:3]] == [
+        {"method": "PUT", "url": "Patient/demo-3"},
+        {"method": "PUT", "url": "DocumentReference/abstract-crohn"},
+        {"method": "PUT", "url": "DiagnosticReport/report-infarction"},
+    ]
+    assert [e["request"] for e in entries[3:]] == [
+        {"method": "PUT", "url": f"{e['resource']['resourceType']}/{e['resource']['id']}"} for e in entries[3:]
+    ]
     crohn, infarction = (e["resource"] for e in entries[3:5])
     assert crohn["subject"] == infarction["subject"] == {"reference": patient_url}
     assert crohn["evidence"] == [{"detail": [{"reference": "urn:uuid:6f1c2a52-2b1e-4c3e-9a51-0c6a1d1e0002"}]}]
@@ -392,8 +400,15 @@ def test_a_second_identical_run_writes_the_same_resources() -> None:
     assert json.dumps(without_run_times(first)) == json.dumps(without_run_times(again))  # ... and nothing else
     b1, b2 = (to_bundle(r, "transaction") for r in (first, again))
     assert json.dumps(without_run_times(b1)) == json.dumps(without_run_times(b2))
-    device = [e for e in b1["entry"] if e["resource"]["resourceType"] == "Device"]
-    assert [e["request"]["ifNoneExist"] for e in device] == ["identifier=urn:ietf:rfc:3986|urn:sha256:" + "ab" * 32]
+    # The same requests too: every entry (Provenance included) is PUT to the id of the first run.
+    assert [e["request"] for e in b1["entry"]] == [e["request"] for e in b2["entry"]]
+    assert [e["request"]["url"] for e in b1["entry"]] == [f"{r['resourceType']}/{r['id']}" for r in first]
+    # Another run of the same build on another device or precision is the same run identity: same Provenance.
+    faster = replace(model(), variant="fp16", provider="CUDAExecutionProvider")
+    assert build_resources(predictions, texts, faster, recorded=RECORDED)[-1]["id"] == first[-1]["id"]
+    # Other targets are another run: another Provenance, the same Device.
+    subset = build_resources(predictions[:1], texts, model(), recorded=RECORDED)
+    assert subset[-1]["id"] != first[-1]["id"] and subset[-2]["id"] == first[-2]["id"]
     # Another plugin build (version, so manifest hash) is another Device and other resources.
     rebuilt = replace(model(), version="1.5.0", manifest_sha256="cd" * 32)
     other = build_resources(predictions, texts, rebuilt, recorded=RECORDED)
@@ -492,3 +507,88 @@ def test_conditions_keep_the_r4_invariants() -> None:
         assert not any(k.startswith("abatement") for k in resource)
         # con-5: no clinicalStatus when entered-in-error (never written)
         assert ver != "entered-in-error"
+
+
+# ---- transactions: idempotent by id, inputs as the input had them ----------------------------------------------
+
+PATIENT_URL = "urn:uuid:2c4f7e90-0000-4000-8000-000000000001"
+NOTE_URL = "urn:uuid:2c4f7e90-0000-4000-8000-000000000002"
+
+
+def unsent_note(patient_id: str | None) -> tuple[dict[str, dict[str, Any]], TextSource]:
+    """An unsent input transaction's Patient (with the given id, or none) and its note (no id), as the reader
+    hands them over, and the note as a source (known only by its fullUrl: it has no id)."""
+    patient: dict[str, Any] = {"resourceType": "Patient"} | ({"id": patient_id} if patient_id else {})
+    text = "Seen for stable angina."
+    note = {
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "subject": {"reference": PATIENT_URL},
+        "content": [{"attachment": {"contentType": "text/plain", "data": base64.b64encode(text.encode()).decode()}}],
+    }
+    source = TextSource(NOTE_URL, "DocumentReference", "DocumentReference.content[0].attachment", text, text)
+    return {PATIENT_URL: patient, NOTE_URL: note}, replace(source, subject={"reference": PATIENT_URL})
+
+
+def test_input_resources_travel_by_their_id_else_as_the_input_created_them() -> None:
+    inputs, source = unsent_note("p-9")
+    resources = build_resources([predict(source, "angina")], [source], model(), recorded=RECORDED, inputs=inputs)
+    own = {NOTE_URL: {"method": "POST", "url": "DocumentReference", "ifNoneExist": "identifier=urn:x|n-1"}}
+    plain, asked = (to_bundle(resources, "transaction", inputs=inputs, input_requests=r) for r in (None, own))
+    for bundle in (plain, asked):
+        validate(bundle)
+        assert unresolved(bundle) == []
+        assert [e["fullUrl"] for e in bundle["entry"][:2]] == [PATIENT_URL, NOTE_URL]
+        assert bundle["entry"][0]["request"] == {"method": "PUT", "url": "Patient/p-9"}
+        risk = bundle["entry"][2]["resource"]
+        assert risk["subject"] == {"reference": PATIENT_URL} and risk["basis"] == [{"reference": NOTE_URL}]
+        assert bundle["entry"][1]["resource"]["subject"] == {"reference": PATIENT_URL}
+    # The note has no id: created, plain unless the input itself made it conditional (its choice, kept).
+    assert plain["entry"][1]["request"] == {"method": "POST", "url": "DocumentReference"}
+    assert asked["entry"][1]["request"] == own[NOTE_URL]
+    # What fhirplug writes is never conditional, whatever the input did.
+    for entry in asked["entry"][2:]:
+        assert entry["request"] == {
+            "method": "PUT",
+            "url": f"{entry['resource']['resourceType']}/{entry['resource']['id']}",
+        }
+    # An input's conditional update (no id) is not copied: only a POST's ifNoneExist is the input's create.
+    update = {NOTE_URL: {"method": "PUT", "url": "DocumentReference?identifier=urn:x|n-1"}}
+    again = to_bundle(resources, "transaction", inputs=inputs, input_requests=update)
+    assert again["entry"][1]["request"] == {"method": "POST", "url": "DocumentReference"}
+
+
+def test_an_input_without_a_usable_id_is_posted() -> None:
+    for patient_id in (None, "not an id!", "x" * 65):
+        inputs, source = unsent_note(patient_id)
+        resources = build_resources([predict(source, "angina")], [source], model(), recorded=RECORDED, inputs=inputs)
+        bundle = to_bundle(resources, "transaction", inputs=inputs)
+        assert bundle["entry"][0]["request"] == {"method": "POST", "url": "Patient"}, patient_id
+        # Without a usable id the subject is known only by the fullUrl, which the server resolves.
+        assert bundle["entry"][2]["resource"]["subject"] == {"reference": PATIENT_URL}
+        assert unresolved(bundle) == []
+
+
+def test_the_collection_form_resolves_its_own_references_inside_itself() -> None:
+    inputs, texts = example_sources()
+    predictions = [mesh(texts[0], "Crohn's disease", "D003424"), mesh(texts[1], "myocardial infarction", "D009203")]
+    info = replace(model("Condition"), model_card="# notes-cardio\n")
+    resources = build_resources(predictions, texts, info, recorded=RECORDED, inputs=inputs)
+    bundle = to_bundle(resources, "collection", inputs=inputs)
+    validate(bundle)
+    assert all("request" not in e for e in bundle["entry"])
+    full_urls = {e["fullUrl"] for e in bundle["entry"]}
+    refs = [ref for e in bundle["entry"] for _, ref in _refs(e["resource"], "")]
+    internal = [ref for ref in refs if ref.startswith("urn:uuid:")]
+    # Device → card, Provenance → 2 targets, its Device and card: every link between outputs is an entry here ...
+    assert len(internal) == 1 + 2 + 1 + 1 and set(internal) <= full_urls
+    # ... and no output is named by Type/id inside it (that would not resolve against a urn:uuid fullUrl).
+    assert not {ref for ref in refs if not ref.startswith("urn:uuid:")} & {
+        f"{r['resourceType']}/{r['id']}" for r in resources
+    }
+    # The inputs are not copied into a collection: the notes and the patient are named by their own Type/id.
+    assert {ref for ref in refs if not ref.startswith("urn:uuid:")} == {
+        "Patient/demo-3",
+        "DocumentReference/abstract-crohn",
+        "DiagnosticReport/report-infarction",
+    }
