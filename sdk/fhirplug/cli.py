@@ -495,7 +495,7 @@ def demo(train: bool, max_steps: int, work_dir: str, output: str) -> None:
     click.echo(f"\n{len(examples)} example FHIR input(s) from {folder.relative_to(_demo.CHECKOUT)}/examples\n")
     click.echo(_demo.render(run, _demo.load_expected(folder)))
     click.echo(_demo.latency_line(run))
-    click.echo(f"wrote the output Bundle (RiskAssessment per code, Device, Provenance) to {output}")
+    click.echo(f"wrote the output Bundle (RiskAssessment per code, AIModelCard, AIDevice, AIProvenance) to {output}")
 
 
 def _sizes(value: str | None, what: str) -> list[int] | None:
