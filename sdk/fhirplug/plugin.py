@@ -142,7 +142,8 @@ class Plugin:
         try:
             self.task.load_files(bundle)
         except TaskError as exc:
-            raise PluginError(f"{bundle.path}: {exc}") from exc
+            message = str(exc)
+            raise PluginError(message if message.startswith(str(bundle.path)) else f"{bundle.path}: {message}") from exc
         choice = choose_variant(manifest, provider, variant)
         self.session = ModelSession(
             bundle.read(choice.variant.file),
@@ -386,7 +387,7 @@ class Plugin:
                 text = ""
             texts.append(text)
         labels = [(f"{s.reference} {s.element}", n) for s, n in zip(sources, names, strict=True)]
-        admitted, refused = self._admit(texts, labels, skip=unprepared)
+        admitted, refused = self._admit(texts, labels, skip=unprepared, locations=[s.location for s in sources])
         issues.extend(refused)
         if not admitted:
             return [], issues
@@ -411,7 +412,11 @@ class Plugin:
         return self.task.interpret(sources, windows, outputs)
 
     def _admit(
-        self, texts: Sequence[str], labels: Sequence[tuple[str, str | None]], skip: set[int] | None = None
+        self,
+        texts: Sequence[str],
+        labels: Sequence[tuple[str, str | None]],
+        skip: set[int] | None = None,
+        locations: Sequence[str | None] | None = None,
     ) -> tuple[list[tuple[int, int]], list[Issue]]:
         """``(index, windows)`` of the texts within the budget, in order, and an issue for each other text.
 
@@ -427,7 +432,10 @@ class Plugin:
         for i, (text, (label, name)) in enumerate(zip(texts, labels, strict=True)):
             if skip and i in skip:
                 continue
-            where = (label.split(" ", 1)[-1],)
+            # The FHIRPath of the element in its input (Bundle.entry[3].resource.content[0].attachment) when the
+            # reader gave one, else the element path within the resource.
+            location = locations[i] if locations is not None else None
+            where = (location or label.split(" ", 1)[-1],)
             if spent is not None:
                 what = f"{label}: the input's budget was spent on the texts before this one"
                 issues.append(over_budget(spent, budget, what, where, name))
@@ -530,7 +538,8 @@ def _failed_label(label: str, where: tuple[str, ...], name: str | None, step: st
 
 
 def _failed(source: TextSource, name: str | None, step: str, exc: BaseException) -> Issue:
-    return _failed_label(f"{source.reference} {source.element}", (source.element,), name, step, exc)
+    where = (source.location or source.element,)
+    return _failed_label(f"{source.reference} {source.element}", where, name, step, exc)
 
 
 def load_plugin(

@@ -30,6 +30,8 @@ class TextSource:
         ends: ``ends[i]`` is the index in ``original`` just past the source of ``text[i]``: a character decoded
             from ``&eacute;`` stands for all 8 characters of it. None when each ``text[i]`` comes from the one
             character ``original[offsets[i]]``.
+        location: FHIRPath of the element in its input (``Bundle.entry[3].resource.content[0].attachment``), for
+            issues about this text; None when the text did not come from a FHIR input.
     """
 
     reference: str
@@ -42,6 +44,7 @@ class TextSource:
     encounter: dict[str, Any] | None = None
     date: str | None = None
     ends: array[int] | None = None
+    location: str | None = None
 
     def to_original(self, start: int, end: int) -> tuple[int, int]:
         """Map a ``[start, end)`` span of ``text`` to the matching span of ``original``."""

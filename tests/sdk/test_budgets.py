@@ -291,3 +291,17 @@ def test_cds_requests_are_held_to_the_budget_and_never_dropped(tiny_bundle: Path
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_budget_issues_point_into_the_input() -> None:
+    """A refused text's issue names its element in the input (Bundle.entry[i]...), not just the element path."""
+    notes = [document_reference("diabetes " * 40, id_=f"n{i}") for i in range(3)]
+    plugin = load_plugin(TINY_PLUGIN, allow_unsigned=True, variant="fp32", budget=Budget(max_input_chars=500))
+    result = plugin.predict(collection(*notes))
+    refused = [i for i in result.issues if i.code == "too-costly"]
+    assert [i.expression for i in refused] == [
+        ("Bundle.entry[1].resource.content[0].attachment",),
+        ("Bundle.entry[2].resource.content[0].attachment",),
+    ]
+    assert {s.reference for s in result.sources} == {f"DocumentReference/n{i}" for i in range(3)}
+    assert {p.evidence.reference for p in result.predictions} == {"DocumentReference/n0"}

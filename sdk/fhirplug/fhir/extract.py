@@ -317,7 +317,9 @@ def extract_texts(
         if not text.strip():
             issues.append(Issue("warning", "value", "the text is empty or only whitespace; skipped", (expression,)))
             continue
-        sources.append(TextSource(reference, rt, name, text, original, offsets, subject, encounter, date, ends))
+        sources.append(
+            TextSource(reference, rt, name, text, original, offsets, subject, encounter, date, ends, expression)
+        )
     if not sources:
         expected = ", ".join(f"{rt}.{e}" for e in TEXT_ELEMENTS.get(rt, ()))
         why = (
