@@ -12,6 +12,7 @@ FhirplugError                     base of everything fhirplug raises on purpose
 ├── InputError                    FHIR input that cannot be used; carries OperationOutcome issues
 ├── MissingExtraError             an optional extra (train, gpu, bench) is not installed
 ├── UsageError (also ValueError)  a public function called with an argument it cannot take (misuse, not input)
+├── AuthError (fhirplug.serve._auth)  request credentials refused; the server answers a bare 401
 └── ConvertError                  train side: bad recipe, bad data, failed parity gate
 ```
 
