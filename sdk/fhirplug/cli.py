@@ -310,6 +310,48 @@ def predict(
 @click.argument("plugin_names", metavar="PLUGIN...", nargs=-1, required=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0 picks a free port.")
+@click.option(
+    "--jwks",
+    multiple=True,
+    metavar="FILE_OR_URL",
+    help="JWKS (JSON file or https URL) of a CDS client's signing keys (repeatable).",
+)
+@click.option("--issuer", "issuers", multiple=True, metavar="ISS", help="An allowed JWT iss (repeatable).")
+@click.option(
+    "--jku-allow", multiple=True, metavar="URL", help="URL prefix a token's jku header may point to (repeatable)."
+)
+@click.option(
+    "--public-url",
+    metavar="URL",
+    help="This service's public base URL behind a proxy (https://cds.example.org): JWT aud is checked against it.",
+)
+@click.option(
+    "--bearer-token-file",
+    "bearer_token_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="File of static bearer tokens, one a line (≥ 32 characters), for $predict clients that are not CDS "
+    "clients (repeatable).",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="No authentication at all: anyone who reaches the port is served. Local development only.",
+)
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    metavar="ORIGIN",
+    help="Allow browser calls from this exact origin (repeatable; default: no CORS headers, no * ever).",
+)
+@click.option(
+    "--fhir-server-allow",
+    multiple=True,
+    metavar="URL",
+    help="fhirServer URL prefix the service may fetch prefetch from (repeatable; default: any https URL and "
+    "http on loopback).",
+)
 @click.option("--hook", default="patient-view", show_default=True, help="The CDS Hooks hook every service answers.")
 @click.option(
     "--min-probability",
@@ -318,6 +360,28 @@ def predict(
     show_default=True,
     help="Leave predictions below this probability off the cards and out of the record suggestion "
     "(the plugin's thresholds apply first).",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Most texts of concurrent requests per model run (1: no micro-batching).",
+)
+@click.option(
+    "--max-wait-ms",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="How long a request waits for batch-mates.",
+)
+@click.option(
+    "--queue",
+    "queue_size",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Requests waiting per plugin at most; beyond it, 503 with Retry-After.",
 )
 @click.option(
     "--max-request-bytes",
@@ -332,8 +396,19 @@ def serve(
     plugin_names: Sequence[str],
     host: str,
     port: int,
+    jwks: Sequence[str],
+    issuers: Sequence[str],
+    jku_allow: Sequence[str],
+    public_url: str | None,
+    bearer_token_files: Sequence[str],
+    insecure: bool,
+    cors_origins: Sequence[str],
+    fhir_server_allow: Sequence[str],
     hook: str,
     min_probability: float,
+    max_batch: int,
+    max_wait_ms: float,
+    queue_size: int,
     max_request_bytes: int | None,
     max_chars: int | None,
     max_input_chars: int | None,
@@ -345,15 +420,40 @@ def serve(
     variant: str,
     threads: int | None,
 ) -> None:
-    """Serve PLUGINs as CDS Hooks services (GET /cds-services, POST /cds-services/{plugin name}).
+    """Serve PLUGINs over HTTP: CDS Hooks 2.0 (/cds-services) and FHIR $predict (/fhir/$predict).
 
-    Each request's prefetch (FHIR resources or searchset Bundles) is predicted; the response holds a card per coded
-    prediction and a card whose suggestion creates the AI-labelled FHIR resources with their Provenance.
-    Each request is held to the budget (--max-*): texts past it come back as too-costly warning cards.
+    Every call needs a token: a JWT signed by a --jwks key with an --issuer iss and the called URL as aud (CDS
+    Hooks 2.0), or a static bearer token (--bearer-token-file). --insecure turns that off, for local development.
+    Each request is held to the budget (--max-*); concurrent requests are micro-batched (--max-batch,
+    --max-wait-ms) and a full queue (--queue) is answered 503. Needs the [serve] extra.
     """
-    from fhirplug.cds_hooks import CdsService, make_server
+    if insecure and (jwks or issuers or jku_allow or bearer_token_files):
+        raise click.UsageError("--insecure turns authentication off: drop it, or drop --jwks/--issuer/--bearer-*")
+    if not insecure and not bearer_token_files and not (issuers and (jwks or jku_allow)):
+        raise click.UsageError(
+            "give --jwks FILE_OR_URL and --issuer ISS (CDS clients) or --bearer-token-file F, or --insecure for "
+            "local development"
+        )
+    if "*" in cors_origins:
+        raise click.UsageError("--cors-origin takes exact origins (https://ehr.example.org), not *")
+    try:
+        from fhirplug.serve import AuthConfig, ServeConfig, create_app
+        from fhirplug.serve._server import bind, uvicorn_server
+    except ImportError as exc:
+        raise MissingExtraError("serve", "fhirplug serve") from exc
     from fhirplug.plugin import load_plugin
 
+    tokens: list[str] = []
+    for path in bearer_token_files:
+        tokens += [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    auth = AuthConfig(
+        jwks=tuple(jwks),
+        issuers=tuple(issuers),
+        jku_allow=tuple(jku_allow),
+        public_url=public_url,
+        bearer_tokens=tuple(tokens),
+        insecure=insecure,
+    )
     budget = _budget_from(
         max_request_bytes=max_request_bytes,
         max_chars=max_chars,
@@ -361,37 +461,47 @@ def serve(
         max_input_windows=max_input_windows,
         max_windows_in_flight=max_windows_in_flight,
     )
-
-    services = [
-        CdsService(
-            load_plugin(
-                name,
-                trusted_keys=trusted_keys,
-                allow_unsigned=allow_unsigned,
-                provider=provider,
-                variant=variant,
-                threads=threads,
-                budget=budget,
-            ),
-            hook=hook,
-            min_probability=min_probability,
+    plugins = [
+        load_plugin(
+            name,
+            trusted_keys=trusted_keys,
+            allow_unsigned=allow_unsigned,
+            provider=provider,
+            variant=variant,
+            threads=threads,
+            budget=budget,
         )
         for name in plugin_names
     ]
+    config = ServeConfig(
+        auth=auth,
+        hook=hook,
+        min_probability=min_probability,
+        cors_origins=tuple(cors_origins),
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        queue_size=queue_size,
+        fhir_server_allow=tuple(fhir_server_allow),
+    )
+    sock = bind(host, port)
+    import logging
+
+    access = logging.getLogger("fhirplug.serve")
+    if not access.handlers:  # one JSON line per request on stderr, unless the embedding program set logging up
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+        access.setLevel(logging.INFO)
+    app = create_app(plugins, config)
+    bound_host, bound_port = sock.getsockname()[:2]
+    base = f"http://{bound_host}:{bound_port}"
+    for p in plugins:
+        click.echo(f"CDS service {p.name} ({hook}): POST {base}/cds-services/{p.name}", err=True)
+    click.echo(f"discovery: GET {base}/cds-services · FHIR: POST {base}/fhir/$predict — Ctrl-C stops", err=True)
     try:
-        server = make_server(services, host, port)
-    except OSError as exc:
-        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    base = "http://{}:{}/cds-services".format(*server.server_address[:2])
-    for s in services:
-        click.echo(f"CDS service {s.id} ({s.hook}): POST {base}/{s.id}", err=True)
-    click.echo(f"discovery: GET {base} — Ctrl-C stops", err=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        uvicorn_server(app).run(sockets=[sock])
     finally:
-        server.server_close()
+        sock.close()
 
 
 @main.command()

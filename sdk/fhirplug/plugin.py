@@ -220,6 +220,80 @@ class Plugin:
         sink.extend(found)
         return predictions
 
+    def predict_batch(
+        self,
+        inputs: Sequence[Sequence[TextSource]],
+        *,
+        names: Sequence[Sequence[str | None]] | None = None,
+    ) -> list[tuple[list[Prediction], list[Issue]]]:
+        """Predict several independent inputs in one model run (a server's micro-batch).
+
+        Each input is held to the budget on its own, exactly as one :meth:`predict_sources` call would be; the
+        texts admitted from all inputs are then tokenized and run together, so the model sees full batches.
+
+        Args:
+            inputs: ``inputs[k]`` is the texts of the k-th input (one request, say).
+            names: ``names[k][i]`` is how issues name the input ``inputs[k][i]`` came from.
+
+        Returns:
+            Per input, in order: its predictions (in source order) and its issues.
+
+        Raises:
+            UsageError: ``inputs`` is not a sequence of sequences of TextSource, or ``names`` does not match it.
+            ProviderError: onnxruntime failed.
+        """
+        groups = [list(_checked(group, TextSource, f"inputs[{k}]")) for k, group in enumerate(inputs)]
+        labels: list[list[str | None]] = (
+            [list(n) for n in names] if names is not None else [[None] * len(g) for g in groups]
+        )
+        if len(labels) != len(groups) or any(len(n) != len(g) for n, g in zip(labels, groups, strict=False)):
+            raise UsageError("names must give one name per source of each input")
+        found: list[list[Issue]] = []
+        chosen: list[TextSource] = []
+        texts: list[str] = []
+        owner: dict[int, int] = {}  # id(TextSource) → input index: predictions carry their source
+        for k, (group, group_names) in enumerate(zip(groups, labels, strict=True)):
+            admitted, prepared, issues = self._prepare_admit(group, group_names)
+            found.append(issues)
+            for i in admitted:
+                chosen.append(group[i])
+                texts.append(prepared[i])
+                owner[id(group[i])] = k
+        out: list[tuple[list[Prediction], list[Issue]]] = [([], issues) for issues in found]
+        if not chosen:
+            return out
+        try:
+            predictions = self._interpret(chosen, texts)
+        except (UsageError, ProviderError):
+            raise
+        except Exception:  # one input at a time, so the failing text is reported in its own input alone
+            return [self._predict(g, n) for g, n in zip(groups, labels, strict=True)]
+        for prediction in predictions:
+            out[owner[id(prediction.source)]][0].append(prediction)
+        return out
+
+    def _prepare_admit(
+        self, sources: list[TextSource], names: list[str | None]
+    ) -> tuple[list[int], list[str], list[Issue]]:
+        """The indices of the sources within the budget, every prepared text, and the issues of the others."""
+        issues: list[Issue] = []
+        texts: list[str] = []
+        unprepared: set[int] = set()
+        for i, (source, name) in enumerate(zip(sources, names, strict=True)):
+            try:
+                (text,) = self.task.prepare([source])
+                if not isinstance(text, str):
+                    raise TypeError(f"{type(self.task).__name__}.prepare gave a {type(text).__name__}, not a str")
+            except Exception as exc:  # a task's own code failing on one text
+                issues.append(_failed(source, name, "preparing the text", exc))
+                unprepared.add(i)
+                text = ""
+            texts.append(text)
+        labels = [(f"{s.reference} {s.element}", n) for s, n in zip(sources, names, strict=True)]
+        admitted, refused = self._admit(texts, labels, skip=unprepared, locations=[s.location for s in sources])
+        issues.extend(refused)
+        return [i for i, _ in admitted], texts, issues
+
     def predict_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Calibrated scores for plain texts (text-classification: ``[n_texts, n_labels]`` probabilities;
         token-classification: per text its ``[tokens, tags]`` probabilities, in an object array).

@@ -372,12 +372,6 @@ def _status(answer: bytes) -> int:
     return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/") else 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding 9: json.loads raises ValueError past Python's 4,300-digit int limit; serve/app.py _read_json "
-    "catches UnicodeDecodeError, JSONDecodeError and RecursionError only, so the client's bad body becomes a "
-    "500 'the service failed' (the old stdlib cds_hooks.py server dropped the connection outright)",
-)
 def test_a_request_with_a_huge_integer_is_answered_400(serve_address: tuple[str, int]) -> None:
     body = b'{"hook": "patient-view", "hookInstance": "x", "prefetch": {"a": ' + b"7" * 5000 + b"}}"
     answer = _exchange(serve_address, _post(body))
