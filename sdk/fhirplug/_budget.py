@@ -50,7 +50,8 @@ class Budget:
         max_windows_in_flight: tokenized windows every thread of the process together may hold at once;
             a chunk over the bound waits for others to finish.
         chunk_windows: windows tokenized and run per step (memory per step does not grow with note length).
-        max_request_bytes: largest CDS Hooks request body (bytes); a larger one is answered 413 unread.
+        max_request_bytes: largest CDS Hooks request body, CLI input file or standard input (bytes); a larger one
+            is answered 413 (CLI: reported as too-costly) unread.
     """
 
     max_chars: int = 1_000_000

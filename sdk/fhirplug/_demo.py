@@ -115,7 +115,10 @@ def run_examples(plugin: Plugin, examples: list[Path], output: Path) -> DemoRun:
     merged = [r for _, res in results for r in res.resources()]
     from fhirplug.fhir.writer import to_bundle
 
-    output.write_text(json.dumps(to_bundle(merged, "collection"), indent=2) + "\n", encoding="utf-8")
+    try:
+        output.write_text(json.dumps(to_bundle(merged, "collection"), indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise FhirplugError(f"{output}: cannot write the output Bundle ({exc.strerror or exc})") from exc
     return DemoRun(plugin, results, 0.0, per_file, output)
 
 

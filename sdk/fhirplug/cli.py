@@ -162,17 +162,32 @@ def verify(
     )
 
 
-def _read_inputs(inputs: Sequence[str]) -> list[tuple[str, bytes]]:
-    out = []
+def _read_inputs(inputs: Sequence[str], limit: int) -> tuple[list[tuple[str, bytes]], list[Any]]:
+    """Each input's bytes (at most ``limit``), and an issue for each input that cannot be read: one missing file,
+    a FIFO or an endless stdin never costs the others (they are still predicted and written)."""
+    from fhirplug._inputs import read_input_file, read_input_stream
+
+    out: list[tuple[str, bytes]] = []
+    issues: list[Any] = []
     for name in inputs:
         if name == "-":
-            out.append(("<stdin>", sys.stdin.buffer.read()))
-            continue
-        try:
-            out.append((name, Path(name).read_bytes()))
-        except OSError as exc:
-            raise InputError(f"{name}: cannot read the input file ({exc.strerror})") from exc
-    return out
+            data, problem = read_input_stream(sys.stdin.buffer, limit)
+            name = "<stdin>"
+        else:
+            data, problem = read_input_file(name, limit)
+        if data is not None:
+            out.append((name, data))
+        elif problem is not None:
+            issues.append(problem)
+    return out, issues
+
+
+def _write(path: str, text: str) -> None:
+    """Write an output file, or stop with a one-line message (exit 1) when it cannot be written."""
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise FhirplugClickError(FhirplugError(f"{path}: cannot write ({exc.strerror or exc})")) from exc
 
 
 def _budget_options(func: F) -> F:
@@ -236,6 +251,12 @@ def _budget_from(**given: int | None) -> Any:
     type=click.Path(dir_okay=False, writable=True),
     help="Also write the OperationOutcome (all issues) as JSON here.",
 )
+@click.option(
+    "--max-request-bytes",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Largest input file or standard input (default 50 MiB); a larger one is reported as too-costly unread.",
+)
 @_budget_options
 @_load_options
 @_translate
@@ -245,6 +266,7 @@ def predict(
     fmt: str,
     output: str | None,
     outcome: str | None,
+    max_request_bytes: int | None,
     max_chars: int | None,
     max_input_chars: int | None,
     max_input_windows: int | None,
@@ -266,6 +288,7 @@ def predict(
     from fhirplug.plugin import load_plugin
 
     budget = _budget_from(
+        max_request_bytes=max_request_bytes,
         max_chars=max_chars,
         max_input_chars=max_input_chars,
         max_input_windows=max_input_windows,
@@ -281,17 +304,19 @@ def predict(
         threads=threads,
         budget=budget,
     )
-    result = loaded.predict_many(_read_inputs(inputs))
+    readable, unreadable = _read_inputs(inputs, budget.max_request_bytes)
+    result = loaded.predict_many(readable)
+    result.issues[:0] = unreadable
     if fmt == "ndjson":
         text = result.to_ndjson()
     else:
         text = json.dumps(result.to_fhir("transaction" if fmt == "transaction" else "collection"), indent=2) + "\n"
     if output:
-        Path(output).write_text(text, encoding="utf-8")
+        _write(output, text)
     else:
         click.echo(text, nl=False)
     if outcome:
-        Path(outcome).write_text(json.dumps(result.outcome(), indent=2) + "\n", encoding="utf-8")
+        _write(outcome, json.dumps(result.outcome(), indent=2) + "\n")
     problems: list[Issue] = [i for i in result.issues if i.severity != "information"]
     for issue in problems:
         where = f" at {', '.join(issue.expression)}" if issue.expression else ""
@@ -523,11 +548,14 @@ def keygen(out_dir: str, name: str) -> None:
     from fhirplug.bundle import generate_keypair
 
     folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     private, public = folder / f"{name}.key", folder / f"{name}.pub"
-    if private.exists():
-        raise FhirplugClickError(FhirplugError(f"{private} exists; refusing to overwrite a private key"))
-    generate_keypair(private, public)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if private.exists():
+            raise FhirplugClickError(FhirplugError(f"{private} exists; refusing to overwrite a private key"))
+        generate_keypair(private, public)
+    except OSError as exc:
+        raise FhirplugClickError(FhirplugError(f"{folder}: cannot write the key pair ({exc.strerror or exc})")) from exc
     click.echo(f"private key: {private} (keep it secret)\npublic key:  {public} (give it to users: --trusted-key)")
 
 
@@ -709,7 +737,7 @@ def bench(
         progress=lambda line: click.echo(line, err=True),
     )
     if json_out:
-        Path(json_out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        _write(json_out, json.dumps(report, indent=2) + "\n")
         click.echo(f"wrote {json_out}", err=True)
     if plot_out:
         _bench.plot(report, Path(plot_out))

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from fhirplug._budget import DEFAULT_BUDGET, Budget, WindowGate, over_budget
+from fhirplug._inputs import read_input_file
 from fhirplug.bundle import VerifiedBundle, verify_bundle
 from fhirplug.errors import FhirplugError, PluginError, ProviderError, TaskError, UsageError
 from fhirplug.fhir.outcome import Issue, operation_outcome
@@ -382,11 +383,10 @@ class Plugin:
         unsent: dict[str, dict[str, Any]] = {}
         requests: dict[str, dict[str, Any]] = {}
         for path in _checked(paths, (str, os.PathLike), "paths"):
-            try:
-                raw = Path(path).read_bytes()
-            except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
-                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                issues.append(Issue("error", "not-found", f"cannot read the file ({why})", source=str(path)))
+            raw, problem = read_input_file(path, self.budget.max_request_bytes)
+            if raw is None:
+                if problem is not None:
+                    issues.append(problem)
                 continue
             self._read(raw, str(path), read, issues, unsent, requests)
         return self._predict_read(read, issues, started, unsent, requests)
@@ -575,9 +575,10 @@ def _checked(items: Any, kind: type | tuple[type, ...], what: str) -> Iterable[A
     if isinstance(items, str | bytes) and kind is not str:
         raise UsageError(f"{what} must be a sequence, not a single {type(items).__name__}")
     try:
-        values = list(items)
+        iterator = iter(items)
     except TypeError as exc:
         raise UsageError(f"{what} must be iterable, got {type(items).__name__}") from exc
+    values = list(iterator)  # an error raised by the caller's own generator is the caller's, and passes through
     for i, value in enumerate(values):
         if not isinstance(value, kind):
             names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
@@ -587,9 +588,10 @@ def _checked(items: Any, kind: type | tuple[type, ...], what: str) -> Iterable[A
 
 def _pairs(inputs: Iterable[tuple[str, FhirInput]]) -> list[tuple[str, FhirInput]]:
     try:
-        pairs = list(inputs)
+        iterator = iter(inputs)
     except TypeError as exc:
         raise UsageError(f"inputs must be an iterable of (name, data) pairs, got {type(inputs).__name__}") from exc
+    pairs = list(iterator)  # an error raised by the caller's own generator passes through
     for i, pair in enumerate(pairs):
         if not isinstance(pair, tuple) or len(pair) != 2:
             raise UsageError(f"inputs[{i}] must be a (name, data) pair, got {type(pair).__name__}")
