@@ -125,6 +125,16 @@ def test_a_hook_call_with_prefetch_gives_cards_and_an_update_suggestion(client: 
     assert f"RiskAssessment/{actions[0]['resource']['id']}" in json.dumps(provenance["target"])
 
 
+def _request_lines(caplog: pytest.LogCaptureFixture, count: int) -> list[dict[str, Any]]:
+    """The access-log lines; the server writes one after the response is sent, so wait a little for them."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [json.loads(r.getMessage()) for r in caplog.records if '"event": "request"' in r.getMessage()]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.02)
+
+
 def test_a_hook_call_fetches_missing_prefetch_from_the_fhir_server(
     client: Client, fhir_base: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -142,7 +152,7 @@ def test_a_hook_call_fetches_missing_prefetch_from_the_fhir_server(
     assert response.status_code == 200, response.text
     cards = response.json()["cards"]
     assert "44054006" in cards[0]["summary"] and "DocumentReference/serve-n1" in cards[0]["detail"]
-    (line,) = [json.loads(r.getMessage()) for r in caplog.records if '"event": "request"' in r.getMessage()]
+    (line,) = _request_lines(caplog, 1)
     assert line["fetched_pages"] == 5 and line["texts"] == 1  # one search per prefetch template
     assert EHR_TOKEN not in caplog.text and "serve-p1" not in caplog.text
 
@@ -342,7 +352,10 @@ def test_a_body_that_does_not_arrive_is_408(tight: Client) -> None:
             b"Authorization: Bearer " + token.encode() + b"\r\nContent-Type: application/json\r\n"
             b'Content-Length: 500\r\n\r\n{"hook": '
         )
-        answer = sock.recv(65536).decode()
+        received = b""
+        while chunk := sock.recv(65536):  # status line and body may come in several packets: read to the close
+            received += chunk
+        answer = received.decode()
     assert answer.startswith("HTTP/1.1 408") and "timeout" in answer
 
 
@@ -450,7 +463,7 @@ def test_logs_hold_no_note_text_patient_id_or_token(client: Client, caplog: pyte
             headers={"Authorization": f"Bearer {token}"},
         )
     assert (ok.status_code, replayed.status_code) == (200, 401)
-    lines = [json.loads(r.getMessage()) for r in caplog.records if '"event": "request"' in r.getMessage()]
+    lines = _request_lines(caplog, 2)
     assert [(line["status"], line["service"], line["route"]) for line in lines] == [
         (200, "tiny-notes", "hook"),
         (401, "tiny-notes", "hook"),
