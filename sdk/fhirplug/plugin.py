@@ -364,8 +364,9 @@ class Plugin:
         issues: list[Issue] = []
         unsent: dict[str, dict[str, Any]] = {}
         requests: dict[str, dict[str, Any]] = {}
+        left: int | None = self.budget.max_input_chars
         for name, data in _pairs(inputs):
-            self._read(data, str(name), read, issues, unsent, requests)
+            left = self._read(data, str(name), read, issues, unsent, requests, left)
         return self._predict_read(read, issues, started, unsent, requests)
 
     def predict_files(self, paths: Iterable[str | os.PathLike[str]]) -> PredictionResult:
@@ -382,13 +383,14 @@ class Plugin:
         issues: list[Issue] = []
         unsent: dict[str, dict[str, Any]] = {}
         requests: dict[str, dict[str, Any]] = {}
+        left: int | None = self.budget.max_input_chars
         for path in _checked(paths, (str, os.PathLike), "paths"):
             raw, problem = read_input_file(path, self.budget.max_request_bytes)
             if raw is None:
                 if problem is not None:
                     issues.append(problem)
                 continue
-            self._read(raw, str(path), read, issues, unsent, requests)
+            left = self._read(raw, str(path), read, issues, unsent, requests, left)
         return self._predict_read(read, issues, started, unsent, requests)
 
     # --- the one pipeline every public method runs -------------------------------------------------------------
@@ -401,17 +403,29 @@ class Plugin:
         issues: list[Issue],
         unsent: dict[str, dict[str, Any]] | None = None,
         requests: dict[str, dict[str, Any]] | None = None,
-    ) -> None:
+        left: int | None = None,
+    ) -> int | None:
+        """Read one input into ``into``; ``left``: characters its texts may take (None: the whole budget).
+
+        Returns what is left for the next input of the run: 0 once a text was refused, since the first text over
+        ``max_input_chars`` and every later one are refused (and the reader decodes none of them).
+        """
+        if left is None:
+            left = self.budget.max_input_chars
         try:
             result = read_fhir(
-                data, resource_types=self.manifest.inputs.resource_types, max_chars=self.max_chars, source_name=name
+                data,
+                resource_types=self.manifest.inputs.resource_types,
+                max_chars=self.max_chars,
+                source_name=name,
+                max_total_chars=left,
             )
         except FhirplugError as exc:
             issues.extend(getattr(exc, "issues", None) or [Issue("error", "invalid", str(exc), source=name)])
-            return
+            return left
         except Exception as exc:  # the reader reports problems as issues; should one escape, it stays one input's
             issues.append(Issue("error", "exception", f"the input could not be read: {_describe(exc)}", source=name))
-            return
+            return left
         into.extend((source, name) for source in result.sources)
         issues.extend(result.issues)
         if unsent is not None:
@@ -420,6 +434,7 @@ class Plugin:
         if requests is not None:
             for url, request in result.unsent_requests.items():
                 requests.setdefault(url, request)
+        return 0 if result.chars_spent else left - sum(len(s.text) for s in result.sources)
 
     def _predict_read(
         self,

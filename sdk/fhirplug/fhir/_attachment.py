@@ -241,18 +241,21 @@ def decode_attachment(
         )
         return None, issues
 
+    # A UTF-8 byte order mark is not text: dropped before decoding (not by utf-8-sig, whose error offsets would
+    # count from after it), so an error names the byte and offset of the data as sent.
+    skipped = 3 if codec == "utf-8" and raw.startswith(b"\xef\xbb\xbf") else 0
     try:
-        # A UTF-8 byte order mark is not text; utf-8-sig drops it.
-        original = raw.decode("utf-8-sig" if codec == "utf-8" else codec)
+        original = raw[skipped:].decode(codec)
         if codec in ("utf-16-le", "utf-16-be"):
             original = original.removeprefix("\ufeff")  # a byte order mark, as for UTF-8
     except UnicodeDecodeError as exc:
+        at = exc.start + skipped
         issues.append(
             Issue(
                 "error",
                 "invalid",
-                f"attachment bytes are not valid {charset}: byte 0x{raw[exc.start]:02x} at byte offset "
-                f"{exc.start} ({exc.reason}); fix the data or declare its real charset in contentType",
+                f"attachment bytes are not valid {charset}: byte 0x{raw[at]:02x} at byte offset "
+                f"{at} ({exc.reason}); fix the data or declare its real charset in contentType",
                 (f"{expression}.data",),
             )
         )

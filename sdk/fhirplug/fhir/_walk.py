@@ -8,14 +8,20 @@ cannot hold, nesting beyond ``MAX_DEPTH``) instead of refusing the document; the
 the resource holding it and skips that resource alone. Marks are looked for in the resources of the types the
 caller checks (``check``; all types when None): a Claim a plugin never reads is not worth a scan.
 
-NDJSON is told from a broken JSON document line by line: two or more non-blank lines, every one starting with
-``{`` and at least one a complete JSON object by itself. A pretty-printed document fails that (its second line
-is a name, not ``{``), so a broken one stays one "not valid JSON" error; in NDJSON each broken line is its own
-error named ``source:line``, however many lines are broken.
+NDJSON is told from a broken JSON document line by line: two or more non-blank lines, at least one of them a
+FHIR resource by itself (an object with a resourceType), and the first line either parsing alone or starting
+with ``{``. A broken pretty-printed document fails that (none of its lines, ``{``, ``"id": "x",``, is a resource
+alone), so it stays one "not valid JSON" error; in NDJSON each broken line is its own error named
+``source:line``, however many lines are broken, and every good line is read.
+
+A resource with neither an id nor a fullUrl gets a placeholder ``urn:uuid:`` derived (UUIDv5) from the input's
+name, the resource's FHIRPath and the sha256 of its canonical JSON, so the same input names it the same way on
+every run and the writer's ids stay deterministic.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
@@ -44,10 +50,30 @@ class Found:
     in_collection: bool
     #: Nesting depth of the resource in its document (1 at the top), for the depth limit of what it contains.
     depth: int = 1
+    #: The Bundle entry's fullUrl, when it had one.
+    full_url: str | None = None
 
 
 # A FHIR resource type name (http://hl7.org/fhir/R4/resource.html): letters only, capital first.
 _RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
+#: Placeholder references (resources with neither id nor fullUrl) are UUIDv5 in this namespace.
+_PLACEHOLDER = uuid.uuid5(uuid.NAMESPACE_URL, "https://fhirplug.dev/fhir/placeholder")
+
+
+def _placeholder(source: str, path: str, resource: Mapping[str, Any]) -> str:
+    """A ``urn:uuid:`` for a resource the input does not name: the same input gives the same one on every run.
+
+    The content hash keeps two different id-less notes at the same place of two inputs apart; the source name
+    and path keep two identical notes of one input apart.
+    """
+    try:
+        canonical = json.dumps(resource, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=repr)
+    except (TypeError, ValueError, RecursionError):
+        # Python objects JSON cannot write (a non-string key, a cycle, absurd nesting): name and place alone
+        # still identify the resource within this input.
+        canonical = ""
+    digest = hashlib.sha256(canonical.encode("ascii")).hexdigest()
+    return f"urn:uuid:{uuid.uuid5(_PLACEHOLDER, chr(0x1F).join((source, path, digest)))}"
 
 
 def _kind(value: Any) -> str:
@@ -78,6 +104,8 @@ class Walk:
         self.unsent: dict[str, dict[str, Any]] = {}
         #: Their ``entry.request`` (the input's own method and ``ifNoneExist``), by the same key.
         self.unsent_requests: dict[str, dict[str, Any]] = {}
+        #: Where each of them is in the input: ``(FHIRPath, source)``, by the same key (for the reader's checks).
+        self.unsent_paths: dict[str, tuple[str, str]] = {}
 
     def _issue(self, severity: Severity, code: str, text: str, expression: str | None, source: str) -> None:
         self.issues.append(Issue(severity, code, text, (expression,) if expression else (), source))
@@ -135,11 +163,12 @@ class Walk:
     def _ndjson_lines(text: str) -> list[tuple[int, Any, str | None]] | None:
         """``(line number, value, error)`` per non-blank line when ``text`` is NDJSON, else None.
 
-        Called only when ``text`` is not one JSON document. It is NDJSON when it has two or more non-blank lines
-        and either every line starts with ``{`` and one of them parses, or two or more lines each parse alone to
-        a FHIR resource (an object with a resourceType): then a stray ``null``, ``42`` or ``oops`` line is one
-        bad line, not a reason to drop the good ones. A broken pretty-printed document fails both tests (its
-        lines — ``{``, ``"id": "x",`` — do not parse alone), so it stays one "not valid JSON" error.
+        Called only when ``text`` is not one JSON document. It is NDJSON when it has two or more non-blank lines,
+        at least one line parses alone to a FHIR resource (an object with a resourceType), and the first line
+        either parses alone or starts with ``{``: then a stray ``null``, ``42``, ``oops`` or truncated line is
+        one bad line, not a reason to drop the good ones. A broken pretty-printed document fails this (none of
+        its lines, ``{``, ``"id": "x",``, is a resource alone; a pretty-printed array opens with ``[``), so it
+        stays one "not valid JSON" error.
         """
         numbered = [(n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
         if len(numbered) < 2:
@@ -152,11 +181,12 @@ class Walk:
                 lines.append((number, None, f"{exc.msg} at column {exc.colno}"))
             except ValueError as exc:
                 lines.append((number, None, str(exc)))
-        parsed = [value for _, value, error in lines if error is None]
-        if all(line.lstrip().startswith("{") for _, line in numbered) and parsed:
+        if lines[0][2] is not None and not numbered[0][1].lstrip().startswith("{"):
+            return None
+        parsed = (value for _, value, error in lines if error is None)
+        if any(isinstance(v, Mapping) and isinstance(v.get("resourceType"), str) for v in parsed):
             return lines
-        resources = sum(isinstance(v, Mapping) and isinstance(v.get("resourceType"), str) for v in parsed)
-        return lines if resources >= 2 else None
+        return None
 
     def _ndjson(self, lines: list[tuple[int, Any, str | None]]) -> Iterator[Found]:
         self.containers += 1
@@ -254,21 +284,65 @@ class Walk:
         elif full_url:
             reference = full_url
         else:
-            reference = f"urn:uuid:{uuid.uuid4()}"
-        yield Found(dict(value), reference, here, source, in_collection, depth)
+            reference = _placeholder(source, here, value)
+        yield Found(dict(value), reference, here, source, in_collection, depth, full_url)
 
     def contained(self, found: Found, types: Collection[str]) -> Iterator[Found]:
         """The ``contained`` resources of ``found`` whose type is in ``types``, checked like any resource.
 
-        Their ``reference`` is the container's and their ``path`` is ``<container path>.contained[i]``.
+        Their ``reference`` is the container's and their ``path`` is ``<container path>.contained[i]``. A
+        contained resource that itself contains resources breaks dom-2 (only the container may hold them): its
+        own ``contained`` is an ``error``/``invalid`` issue and none of it is read.
         """
         items = found.resource.get("contained")
         if not isinstance(items, list):
             return
         for i, item in enumerate(items):
-            if isinstance(item, Mapping) and item.get("resourceType") in types:
-                path = f"{found.path}.contained[{i}]"
+            if not isinstance(item, Mapping):
+                continue
+            path = f"{found.path}.contained[{i}]"
+            nested = item.get("contained")
+            if isinstance(nested, list) and nested:
+                kinds = [n.get("resourceType") for n in nested if isinstance(n, Mapping)]
+                if item.get("resourceType") in types or any(k in types for k in kinds):
+                    self._issue(
+                        "error",
+                        "invalid",
+                        f"a contained resource holds {len(nested)} contained resource(s) of its own "
+                        f"({', '.join(str(k) for k in kinds) or 'none readable'}); FHIR dom-2 forbids that (only "
+                        "the container holds contained resources), so they were not read. Move them up into "
+                        f"{found.resource['resourceType']}.contained",
+                        f"{path}.contained",
+                        found.source,
+                    )
+            if item.get("resourceType") in types:
                 yield from self._value(item, path, found.source, True, None, found.depth + 2, found)
+
+    def _writable(self, resource: Mapping[str, Any], path: str, source: str, depth: int) -> bool:
+        """True when an unsent resource holds nothing JSON cannot write back (a 41-digit number, too deep).
+
+        A resource of a checked type is reported by the walk itself; any other one is reported here, since it
+        would otherwise travel into the output transaction (and ``json.dumps`` would fail on it).
+        """
+        if isinstance(resource, Marked):  # its own repeated names: the walk reports them and skips it
+            return False
+        found = problems(resource, path, depth)
+        if not found:
+            return True
+        rt = resource["resourceType"]
+        if rt == "Bundle" or not (self.check is None or rt in self.check):
+            rid = resource.get("id")
+            named = f"{rt}/{rid}" if isinstance(rid, str) and is_text(rid) else f"the {rt}"
+            for where, code, why in found:
+                self._issue(
+                    "error",
+                    code,
+                    f"{why}; {named} of the input transaction cannot travel with the output transaction and was "
+                    "left out of it (references to it are dropped, with a warning)",
+                    where,
+                    source,
+                )
+        return False
 
     def _bundle(self, bundle: Mapping[str, Any], path: str, source: str, depth: int) -> Iterator[Found]:
         self.containers += 1
@@ -317,9 +391,14 @@ class Walk:
                     # Named only by Type/id: a placeholder of our own lets the writer carry it (PUT Type/id).
                     named = f"https://fhirplug.dev/fhir/unsent/{resource['resourceType']}/{resource['id']}"
                     key = f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, named)}"
-                if key is not None and key not in self.unsent:
+                if (
+                    key is not None
+                    and key not in self.unsent
+                    and self._writable(resource, f"{here}.resource", source, depth + 3)
+                ):
                     self.unsent[key] = dict(resource)
                     self.unsent_requests[key] = dict(request)
+                    self.unsent_paths[key] = (f"{here}.resource", source)
             yield from self._value(
                 resource,
                 f"{here}.resource",

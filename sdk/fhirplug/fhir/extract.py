@@ -14,7 +14,13 @@ Text that is not Unicode (a lone surrogate from a JSON ``\\ud800`` escape or a d
 ``error``/``invalid`` issue for its element: tokenizers cannot take it.
 
 :func:`check_codes` checks the required code bindings the runtime relies on, which fhir.resources R4B does not
-enforce: a ``status: "bogus"`` would otherwise pass as a real note.
+enforce: a ``status: "bogus"`` would otherwise pass as a real note; and the id's form (R4B checks its characters,
+not its length of 1 to 64).
+
+A :class:`TextAllowance` caps the characters all texts of one input may take (the plugin's ``max_input_chars``):
+texts are taken in input order, and the first one that would pass the cap and every later one are
+``too-costly`` issues. Once the cap is reached nothing more is decoded, so memory stays bounded by the cap, not
+by the input (an HTML attachment's offset arrays cost 16 bytes a character).
 
 Problems are OperationOutcome issues, never exceptions. A resource that yields no text at all always gets
 one issue with severity ``error`` and code ``required`` whose expression is the resource itself, so a caller
@@ -27,6 +33,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from fhirplug.fhir._attachment import decode_attachment, not_text, too_long
@@ -34,7 +41,7 @@ from fhirplug.fhir._json import is_text
 from fhirplug.fhir.outcome import Issue
 from fhirplug.predictions import TextSource
 
-__all__ = ["TEXT_ELEMENTS", "check_codes", "entered_in_error", "extract_texts", "has_text_elements"]
+__all__ = ["TEXT_ELEMENTS", "TextAllowance", "check_codes", "entered_in_error", "extract_texts", "has_text_elements"]
 
 #: Per readable resource type, the elements text is read from (for messages and docs).
 TEXT_ELEMENTS: dict[str, tuple[str, ...]] = {
@@ -112,8 +119,55 @@ _NAME = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
 _TOKEN = r"[A-Za-z0-9!#$%&'*+.^_`|~-]+"
 _MIME = re.compile(rf"""{_NAME}/{_NAME}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|"(?:[^"\\]|\\.)*"))*[ \t]*;?[ \t]*""")
 
+# FHIR R4 id (http://hl7.org/fhir/R4/datatypes.html#id): 1 to 64 of these characters.
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_LIMIT_FIX = (
+    "Split the input, or raise the limit: load_plugin(..., budget=Budget(max_input_chars=N)) or --max-input-chars N "
+    "(read_fhir(..., max_total_chars=N))"
+)
+
 # A candidate: (element suffix after the type, "attachment" | "string", the JSON value).
 _Candidate = tuple[str, str, Any]
+
+
+@dataclass
+class TextAllowance:
+    """The characters the texts of one input may still take, shared by every resource of that input.
+
+    Attributes:
+        limit: characters all texts together may have (the plugin passes what is left of its
+            ``max_input_chars``).
+        used: characters of the texts taken so far.
+        spent: True once a text did not fit: it and every later text are refused, undecoded.
+    """
+
+    limit: int
+    used: int = 0
+    spent: bool = False
+
+    def refused(self, label: str, expression: str, chars: int | None = None) -> Issue:
+        """The ``too-costly`` issue for the text ``label`` (``reference element``) not taken; ``chars``: its
+        length, when it was decoded."""
+        if chars is None:
+            what = (
+                f"{label}: the texts before this one in the input already reach the limit of {self.limit:,} "
+                "characters (max_input_chars); this one was not decoded or read"
+            )
+        else:
+            what = (
+                f"{label}: this text ({chars:,} characters) would bring the input's texts to "
+                f"{self.used + chars:,} characters, over the limit of {self.limit:,} (max_input_chars); it was "
+                "not read"
+            )
+        return Issue("error", "too-costly", f"{what}. {_LIMIT_FIX}", (expression,))
+
+    def take(self, chars: int) -> bool:
+        """Count a text of ``chars`` characters if it fits; else mark the allowance spent. True if it fits."""
+        if self.spent or self.used + chars > self.limit:
+            self.spent = True
+            return False
+        self.used += chars
+        return True
 
 
 def _list(value: Any) -> list[Any]:
@@ -157,7 +211,8 @@ def check_codes(resource: Mapping[str, Any], path: str | None = None) -> list[Is
     ``DocumentReference.docStatus``, ``Condition.clinicalStatus`` and ``verificationStatus`` (when present, a
     coding from the HL7 code system with a code of the value set), and the MIME type form of every
     ``contentType`` of an Attachment text is read from. Each issue is an ``error``/``code-invalid`` whose
-    expression is the element; a resource with one is not to be read.
+    expression is the element; a resource with one is not to be read. An ``id`` that is not 1 to 64 of
+    ``A-Z a-z 0-9 - .`` (R4B checks the characters, not the length) is an ``error``/``invalid``, for every type.
 
     Args:
         resource: an R4 JSON object (a missing or non-string ``status`` is left to model validation).
@@ -166,6 +221,17 @@ def check_codes(resource: Mapping[str, Any], path: str | None = None) -> list[Is
     rt = str(resource.get("resourceType"))
     prefix = path or rt
     issues: list[Issue] = []
+    rid = resource.get("id")
+    if isinstance(rid, str) and not _ID.fullmatch(rid):
+        issues.append(
+            Issue(
+                "error",
+                "invalid",
+                f"the id {rid!a:.80} ({len(rid):,} characters) is not a FHIR id: 1 to 64 of A-Z a-z 0-9 - . "
+                "(http://hl7.org/fhir/R4/datatypes.html#id); the resource was not read",
+                (f"{prefix}.id",),
+            )
+        )
     for element, value_set, codes in _CODES.get(rt, ()):
         value = resource.get(element)
         if isinstance(value, str) and value not in codes:
@@ -262,6 +328,7 @@ def extract_texts(
     max_chars: int = 1_000_000,
     element: str | None = None,
     context: Mapping[str, Any] | None = None,
+    allowance: TextAllowance | None = None,
 ) -> tuple[list[TextSource], list[Issue]]:
     """Read every text a resource holds.
 
@@ -275,11 +342,14 @@ def extract_texts(
             resource its path in the container, ``DiagnosticReport.contained[0]``.
         context: the container of a contained resource: its subject, encounter and date stand in for those
             the contained resource lacks.
+        allowance: the characters the input's texts may still take; a text past it is a ``too-costly`` issue,
+            and once it is spent no text is decoded at all.
 
     Returns:
         ``(sources, issues)``. ``TextSource.element`` is the path within the resource
         (``DocumentReference.content[0].attachment``). When ``sources`` is empty, ``issues`` holds an
-        ``error``/``required`` issue whose expression is ``path``.
+        ``error``/``required`` issue whose expression is ``path`` (or, when the allowance refused a text, its
+        ``too-costly`` issue says why instead).
     """
     rt = str(resource.get("resourceType"))
     prefix = path or rt
@@ -290,10 +360,15 @@ def extract_texts(
     sources: list[TextSource] = []
     issues: list[Issue] = []
     seen = False
+    over = False  # a text was refused by the allowance: that issue says why nothing was read
     for suffix, kind, value in _candidates(resource):
         seen = True
         name = f"{element or rt}.{suffix}"
         expression = f"{prefix}.{suffix}"
+        if allowance is not None and allowance.spent:
+            issues.append(allowance.refused(f"{reference} {name}", expression))
+            over = True
+            continue
         if kind == "attachment":
             if not isinstance(value, Mapping):
                 issues.append(Issue("error", "structure", "an Attachment must be a JSON object", (expression,)))
@@ -317,10 +392,14 @@ def extract_texts(
         if not text.strip():
             issues.append(Issue("warning", "value", "the text is empty or only whitespace; skipped", (expression,)))
             continue
+        if allowance is not None and not allowance.take(len(text)):
+            issues.append(allowance.refused(f"{reference} {name}", expression, len(text)))
+            over = True
+            continue
         sources.append(
             TextSource(reference, rt, name, text, original, offsets, subject, encounter, date, ends, expression)
         )
-    if not sources:
+    if not sources and not over:
         expected = ", ".join(f"{rt}.{e}" for e in TEXT_ELEMENTS.get(rt, ()))
         why = (
             "every text element was empty, not inline or unreadable (see the other issues)"

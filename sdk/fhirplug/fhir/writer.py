@@ -50,6 +50,19 @@ Bundle's entries by ``urn:uuid:<id>`` fullUrls, which a collection resolves insi
 resolves in a transaction. No output holds a reference that cannot resolve: a reference to neither an entry of
 the Bundle nor a ``Type/id`` is left out (the Reference keeps its display) and a warning issue says so.
 
+**Generated identities are not the input's to take.** Generated resources reference each other only as
+``Type/id``, so a ``urn:uuid:`` in a resource that equals a generated entry's fullUrl came from the input (the
+Device's is uuid5 of the public manifest hash: anyone can compute it) and is left out with a warning rather than
+resolved to the generated entry; an input resource whose fullUrl or ``Type/id`` is a generated one is not
+carried into a transaction (an ``error``/``duplicate`` issue): bdl-7 allows one entry per fullUrl, and two
+``PUT`` of one ``Type/id`` would overwrite each other.
+
+**Strings copied from the input are FHIR strings.** A note may hold control characters (NUL, ESC, VT) that the
+model reads as sent, but a FHIR ``string`` holds none below U+0020 other than tab, LF and CR
+(http://hl7.org/fhir/R4/datatypes.html#string; U+007F is allowed): in the evidence snippet and the References
+copied from the input (subject, encounter, their displays) each is replaced by a space, which keeps every
+offset and length.
+
 **Transactions are idempotent by id.** Every generated entry of a ``transaction`` (predictions, model card,
 Device, Provenance) is ``PUT Type/<id>``: posting the output twice, or re-running the same plugin on the same
 note and posting again, leaves the same resources (same ids, same count: one Device, one card, one Provenance
@@ -148,6 +161,8 @@ _NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://fhirplug.dev/fhir")
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _RELATIVE = re.compile(r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}(/_history/[A-Za-z0-9\-.]{1,64})?$")
 _ABSOLUTE = re.compile(r"^https?://\S+/[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}(/_history/[A-Za-z0-9\-.]{1,64})?$")
+# Characters a FHIR string cannot hold: below U+0020 except tab, LF, CR.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
 @dataclass(frozen=True)
@@ -188,6 +203,22 @@ def _uuid(*parts: object) -> str:
     return str(uuid.uuid5(_NAMESPACE, "\x1f".join(str(p) for p in parts)))
 
 
+def _clean(text: str) -> str:
+    """``text`` with each character a FHIR string cannot hold replaced by a space (lengths and offsets kept)."""
+    return _CONTROL.sub(" ", text)
+
+
+def _cleaned(value: Any) -> Any:
+    """A JSON value copied from the input with every string in it :func:`_clean`-ed (keys are FHIR names)."""
+    if isinstance(value, str):
+        return _clean(value)
+    if isinstance(value, Mapping):
+        return {k: _cleaned(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_cleaned(v) for v in value]
+    return copy.deepcopy(value)
+
+
 def _meta(profile: str | None = None) -> dict[str, Any]:
     meta: dict[str, Any] = {"profile": [profile]} if profile else {}
     meta["security"] = [dict(AI_ASSERTED)]
@@ -212,8 +243,9 @@ def _evidence(prediction: Prediction) -> dict[str, Any]:
         {"url": "start", "valueInteger": int(evidence.start)},
         {"url": "end", "valueInteger": int(evidence.end)},
     ]
-    if evidence.snippet.strip():
-        parts.append({"url": "snippet", "valueString": evidence.snippet})
+    snippet = _clean(evidence.snippet)
+    if snippet.strip():
+        parts.append({"url": "snippet", "valueString": snippet})
     return {"url": EVIDENCE_SPAN_URL, "extension": parts}
 
 
@@ -238,10 +270,10 @@ def _prediction_id(p: Prediction, model: ModelInfo, kind: str) -> str:
 
 
 def _context(resource: dict[str, Any], source: TextSource, canonical: Mapping[str, str]) -> None:
-    subject = copy.deepcopy(source.subject) if source.subject else dict(_UNKNOWN_SUBJECT)
+    subject = _cleaned(source.subject) if source.subject else dict(_UNKNOWN_SUBJECT)
     resource["subject"] = _canonical(subject, canonical)
     if source.encounter:
-        resource["encounter"] = _canonical(copy.deepcopy(source.encounter), canonical)
+        resource["encounter"] = _canonical(_cleaned(source.encounter), canonical)
 
 
 def _canonical(reference: dict[str, Any], canonical: Mapping[str, str]) -> dict[str, Any]:
@@ -348,7 +380,7 @@ def _family_member_history(p: Prediction, model: ModelInfo, when: str, c: Mappin
     elif entity.possible:
         condition["note"] = [{"text": "Stated as possible in the source text (uncertain)."}]
     resource = _base(p, model, "FamilyMemberHistory", _entity_extensions(p))
-    patient = copy.deepcopy(p.source.subject) if p.source.subject else dict(_UNKNOWN_SUBJECT)
+    patient = _cleaned(p.source.subject) if p.source.subject else dict(_UNKNOWN_SUBJECT)
     resource.update(
         {
             "identifier": _own_identifier(resource["id"]),
@@ -582,10 +614,18 @@ def _references(value: Any) -> Iterator[str]:
 class _Linker:
     """Rewrites references to entry fullUrls and leaves out, with a warning, those that cannot resolve."""
 
-    def __init__(self, urls: Mapping[str, str], full_urls: set[str], warnings: list[Issue] | None) -> None:
+    def __init__(
+        self,
+        urls: Mapping[str, str],
+        full_urls: set[str],
+        warnings: list[Issue] | None,
+        generated: Mapping[str, str] | None = None,
+    ) -> None:
         self.urls = urls
         self.full_urls = full_urls
         self.warnings = warnings
+        #: Generated entries' fullUrls → their Type/id: a reference spelling one came from the input.
+        self.generated = generated or {}
 
     def resolves(self, target: str) -> bool:
         # Relative Type/id (and absolute server URLs) name resources a server has; urn: and #contained do not,
@@ -596,14 +636,28 @@ class _Linker:
         if isinstance(value, dict):
             out = {k: self.link(v, f"{path}.{k}") for k, v in value.items()}
             target = out.get("reference")
-            if isinstance(target, str):
+            if isinstance(target, str) and target in self.generated:
+                del out["reference"]
+                out.setdefault("display", _clean(f"not stored here: {target}"))
+                if self.warnings is not None:
+                    self.warnings.append(
+                        Issue(
+                            "warning",
+                            "not-found",
+                            f"reference {target!r} comes from the input but is the fullUrl of the generated "
+                            f"{self.generated[target]}; it was left out rather than pointed at that (the Reference "
+                            "keeps a display). Name input resources by their own ids",
+                            (path,),
+                        )
+                    )
+            elif isinstance(target, str):
                 target = self.urls.get(target, target)
                 if self.resolves(target):
                     out["reference"] = target
                 else:
                     del out["reference"]
                     # A Reference with a display only is valid everywhere a Reference is, and says what it was.
-                    out.setdefault("display", f"not stored here: {target}")
+                    out.setdefault("display", _clean(f"not stored here: {target}"))
                     if self.warnings is not None:
                         self.warnings.append(
                             Issue(
@@ -676,6 +730,36 @@ def _included_inputs(
     return [u for u in inputs if u in needed], names
 
 
+def _clashes(
+    full_url: str,
+    resource: Mapping[str, Any],
+    generated: Mapping[str, str],
+    names: Mapping[str, str],
+    warnings: list[Issue] | None,
+) -> bool:
+    """True (with an issue) when an input resource claims a generated entry's fullUrl or ``Type/id``."""
+    rid, rt = resource.get("id"), resource.get("resourceType")
+    own = f"{rt}/{rid}" if isinstance(rid, str) and rid else None
+    if full_url in generated:
+        claimed = f"fullUrl {full_url} (the generated {generated[full_url]}'s)"
+    elif own is not None and own in names:
+        claimed = f"id: {own} is a resource this output generates"
+    else:
+        return False
+    if warnings is not None:
+        warnings.append(
+            Issue(
+                "error",
+                "duplicate",
+                f"the input resource {own or rt} has the {claimed}; it was left out of the output transaction, "
+                "which holds one entry per fullUrl and one PUT per Type/id. Give the input resource its own id and "
+                "fullUrl",
+                (),
+            )
+        )
+    return True
+
+
 def to_bundle(
     resources: Sequence[Mapping[str, Any]],
     kind: Literal["collection", "transaction"] = "collection",
@@ -706,18 +790,21 @@ def to_bundle(
     unique = _unique(resources)
     urls: dict[str, str] = {}
     full_urls: list[str] = []
+    generated: dict[str, str] = {}
     for resource in unique:
         rid = str(resource.get("id", ""))
         full_url = f"urn:uuid:{rid.lower()}" if _is_uuid(rid) else f"urn:uuid:{_uuid(resource['resourceType'], rid)}"
         full_urls.append(full_url)
+        generated[full_url] = f"{resource['resourceType']}/{rid}"
         if rid:
             urls[f"{resource['resourceType']}/{rid}"] = full_url
     included: list[str] = []
     if kind == "transaction" and inputs:
         included, names = _included_inputs(unique, inputs)
+        included = [u for u in included if not _clashes(u, inputs[u], generated, urls, warnings)]
         kept = set(included)
         urls.update({name: url for name, url in names.items() if url in kept})
-    linker = _Linker(urls, {*full_urls, *included}, warnings)
+    linker = _Linker(urls, {*full_urls, *included}, warnings, generated)
     entries: list[dict[str, Any]] = []
     for full_url in included:
         resource = inputs[full_url] if inputs else {}
