@@ -25,7 +25,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fhirplug.errors import ConvertError
-from fhirplug_convert import _windows
 from fhirplug_convert.datasets import Example
 from fhirplug_convert.evaluate import (
     aggregate_windows,
@@ -40,9 +39,10 @@ __all__ = [
     "PromptTuningModel",
     "TrainedModel",
     "load_base",
+    "pad_batch",
     "search_learning_rate",
     "targets_of",
-    "torch_runner",
+    "torch_logits",
     "train",
 ]
 
@@ -292,15 +292,32 @@ def targets_of(examples: Sequence[Example], labels: Sequence[str], multi_label: 
     return out
 
 
-def torch_runner(module: nn.Module) -> _windows.Runner:
-    """A runner for :func:`fhirplug_convert._windows.score_notes` backed by the torch module."""
+def _window_tokenizer(tokenizer: Tokenizer, max_tokens: int, stride: int) -> Tokenizer:
+    """A private copy that truncates into ``max_tokens`` windows sharing ``stride`` tokens (no padding)."""
+    copy = Tokenizer.from_str(tokenizer.to_str())
+    copy.no_padding()
+    copy.enable_truncation(max_length=max_tokens, stride=stride)
+    return copy
 
-    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
-        with torch.inference_mode():
-            logits = module(*(torch.from_numpy(feed[n]) for n in ("input_ids", "attention_mask", "token_type_ids")))
-        return logits.float().numpy()  # type: ignore[no-any-return]
 
-    return run
+def pad_batch(ids: Sequence[Sequence[int]], types: Sequence[Sequence[int]], pad: int) -> dict[str, np.ndarray]:
+    """A training batch, right-padded to its longest row with a zero mask (int64, the model's inputs)."""
+    width = max(len(row) for row in ids)
+    out_ids = np.full((len(ids), width), pad, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    out_types = np.zeros((len(ids), width), dtype=np.int64)
+    for row, (i, t) in enumerate(zip(ids, types, strict=True)):
+        out_ids[row, : len(i)] = i
+        mask[row, : len(i)] = 1
+        out_types[row, : len(t)] = t
+    return {"input_ids": out_ids, "attention_mask": mask, "token_type_ids": out_types}
+
+
+def torch_logits(module: nn.Module, feed: dict[str, np.ndarray]) -> np.ndarray:
+    """One padded batch through the torch module (inference mode), float32 logits."""
+    with torch.inference_mode():
+        logits = module(*(torch.from_numpy(feed[n]) for n in ("input_ids", "attention_mask", "token_type_ids")))
+    return logits.float().numpy()  # type: ignore[no-any-return]
 
 
 def _seed(seed: int) -> None:
@@ -331,12 +348,28 @@ def evaluate_torch(
     texts: Sequence[str],
     batch_size: int,
 ) -> list[np.ndarray]:
-    """Per-note window logits from the torch module (``tokenizer`` set up by ``window_tokenizer``)."""
+    """Per-note window logits from the torch module, for the per-epoch validation that picks the best epoch.
+
+    ``tokenizer`` comes from :func:`_window_tokenizer`: every overflowing window, as the runtime windows. Nothing
+    a model card reports comes from here: once exported, every variant is scored by the runtime's own session
+    (:mod:`fhirplug_convert._core`).
+    """
     was_training = module.training
     module.eval()
+    pad = tokenizer.token_to_id("[PAD]") or 0
     try:
-        windows = _windows.encode_windows(tokenizer, texts)
-        return _windows.score_notes(torch_runner(module), windows, len(texts), batch_size, _windows.pad_id(tokenizer))
+        per_note: list[list[np.ndarray]] = [[] for _ in texts]
+        rows = [
+            (index, part)
+            for index, enc in enumerate(tokenizer.encode_batch(list(texts)))
+            for part in [enc, *enc.overflowing]
+        ]
+        for first in range(0, len(rows), batch_size):
+            chunk = rows[first : first + batch_size]
+            feed = pad_batch([p.ids for _, p in chunk], [p.type_ids for _, p in chunk], pad)
+            for (index, _), logits in zip(chunk, torch_logits(module, feed), strict=True):
+                per_note[index].append(logits)
+        return [np.stack(rows) for rows in per_note]
     finally:
         module.train(was_training)
 
@@ -352,9 +385,9 @@ def train(
 ) -> tuple[TrainedModel, Tokenizer]:
     """Fine-tune ``base`` with the recipe's method; keep the best epoch by the validation task metric.
 
-    Long texts train on their first window; validation scores every window and aggregates them as the
-    runtime does (:func:`fhirplug_convert.evaluate.aggregate_windows`, temperature 1). Seeded (python, numpy,
-    torch) with deterministic torch algorithms while it runs.
+    Every window of a long text trains (with the text's labels); validation scores every window and aggregates
+    them as the runtime does (:func:`fhirplug_convert.evaluate.aggregate_windows`, temperature 1). Seeded
+    (python, numpy, torch) with deterministic torch algorithms while it runs.
 
     Args:
         recipe: the validated recipe.
@@ -380,14 +413,23 @@ def train(
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())
 
-    first = _windows.window_tokenizer(tokenizer, max_tokens, 0)
-    ids, types = _windows.first_windows(first, [e.text for e in train_set])
-    targets = torch.from_numpy(targets_of(train_set, labels, multi_label))
-    valid_tok = _windows.window_tokenizer(tokenizer, max_tokens, spec.stride)
+    # Every window of every training text (the recipe's stride), each labelled with its text's labels: the
+    # runtime scores every window of a note, so training must see them all, not only the first.
+    valid_tok = _window_tokenizer(tokenizer, max_tokens, spec.stride)
+    ids: list[list[int]] = []
+    types: list[list[int]] = []
+    owner: list[int] = []
+    for index, enc in enumerate(valid_tok.encode_batch([e.text for e in train_set])):
+        for part in [enc, *enc.overflowing]:
+            ids.append(list(part.ids))
+            types.append(list(part.type_ids))
+            owner.append(index)
+    targets = torch.from_numpy(targets_of(train_set, labels, multi_label)[np.asarray(owner, dtype=np.int64)])
+    log(f"training on {len(ids)} windows of {len(train_set)} texts")
     valid_targets = targets_of(validation, labels, multi_label)
-    pad = _windows.pad_id(tokenizer)
+    pad = tokenizer.token_to_id("[PAD]") or 0
 
-    steps_per_epoch = math.ceil(len(train_set) / spec.batch_size)
+    steps_per_epoch = math.ceil(len(ids) / spec.batch_size)
     total_steps = spec.epochs * steps_per_epoch
     if spec.max_steps is not None:
         total_steps = min(total_steps, spec.max_steps)
@@ -408,14 +450,14 @@ def train(
         bar = tqdm(total=total_steps, disable=not show, desc="train", unit="step", leave=False)
         for epoch in range(1, spec.epochs + 1):
             module.train()
-            order = rng.permutation(len(train_set))
+            order = rng.permutation(len(ids))
             running = 0.0
             seen = 0
             for start in range(0, len(order), spec.batch_size):
                 if step >= total_steps:
                     break
                 rows = order[start : start + spec.batch_size]
-                feed = _windows.pad_batch([ids[i] for i in rows], [types[i] for i in rows], pad)
+                feed = pad_batch([ids[i] for i in rows], [types[i] for i in rows], pad)
                 logits = module(*(torch.from_numpy(feed[n]) for n in ("input_ids", "attention_mask", "token_type_ids")))
                 target = targets[rows].float() if multi_label else targets[rows]
                 loss = loss_fn(logits, target)

@@ -8,12 +8,15 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fhirplug.bundle import verify_bundle, write_manifest
+from fhirplug.bundle import sha256_file, verify_bundle, write_manifest
 from fhirplug.errors import ConvertError, ManifestError
 from fhirplug.manifest import MANIFEST_FILE, Manifest
 from fhirplug_convert.recipe import DEFAULT_BASE_MODEL, Recipe
+
+if TYPE_CHECKING:
+    from fhirplug_convert.datasets import Splits
 
 __all__ = [
     "PROVIDERS",
@@ -23,10 +26,11 @@ __all__ = [
     "publish_variants",
     "recorded_base_model",
     "render_model_card",
+    "test_split_record",
     "write_bundle",
 ]
 
-#: Execution providers each precision is offered to. int8 (dynamic quantization) is a CPU format; fp16 is for
+#: Execution providers each precision is offered to. int8 (static QDQ or dynamic) is a CPU format; fp16 is for
 #: GPUs; fp32 runs anywhere.
 PROVIDERS = {
     "fp32": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
@@ -102,6 +106,37 @@ def prepare_out_dir(out_dir: Path) -> None:
             )
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _data_hashes(path: Path) -> list[dict[str, str]]:
+    # A FHIR folder is hashed file by file (names relative to the folder's parent, as the converter names them).
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    return [{"file": f.relative_to(path.parent).as_posix(), "sha256": sha256_file(f)} for f in files]
+
+
+def test_split_record(recipe: Recipe, splits: Splits) -> dict[str, Any]:
+    """``test_split.json``: which examples formed the test split, and the data they came from, by hash.
+
+    Each example is named as the converter names it (``notes.csv row 7``: CSV rows count the header as row 1;
+    ``notes.jsonl line 3``; ``DocumentReference/12``; ``corpus.txt document 123``) with its labels, and
+    ``texts_sha256`` hashes the test texts in order (UTF-8, each followed by a NUL byte), so a re-scorer can check
+    it read exactly what the converter scored. Re-score with ``fhirplug.load_plugin(bundle).predict_texts``.
+    """
+    import hashlib
+
+    data = recipe.data
+    paths = [data.path] if data.path is not None else [data.train, data.validation, data.test]
+    digest = hashlib.sha256()
+    for example in splits.test:
+        digest.update(example.text.encode("utf-8") + b"\0")
+    return {
+        "split": "test",
+        "data": [item for p in paths if p is not None for item in _data_hashes(p)],
+        "format": data.format,
+        "seed": data.split.seed,
+        "examples": [{"where": e.where, "labels": list(e.labels)} for e in splits.test],
+        "texts_sha256": digest.hexdigest(),
+    }
 
 
 def _fmt(value: Any) -> str:
@@ -334,8 +369,28 @@ def render_model_card(recipe: Recipe, content: BundleContent, fused: Mapping[str
             f"Left out: {', '.join(left_out)} failed the parity gate (reasons above); this bundle has "
             f"{', '.join(content.parity.get('packaged', []))} only.",
         ]
+    quantization = content.parity.get("variants", {}).get("int8", {}).get("quantization")
+    if quantization:
+        how = (
+            f"static QDQ, activation ranges calibrated on {quantization['calibration']['windows']} training "
+            "windows: a note's scores do not depend on the other notes in its batch"
+            if quantization["mode"] == "static"
+            else "dynamic (activation ranges per batch: a note's scores move slightly with its batch-mates)"
+        )
+        lines += ["", f"int8 quantization: {how}."]
+    lines += [
+        "",
+        f"Every number here was computed by the runtime's own session (fhirplug.session.ModelSession, batch "
+        f"{content.parity.get('batch_size', 16)}), so `fhirplug.load_plugin(...).predict_texts` reproduces it.",
+    ]
     lines += _timing_lines(content.timings)
     lines += ["", "## Reproduce", "", "In the recipe's folder:", "", "```", content.command, "```", ""]
+    if "test_split.json" in content.extra_files:
+        lines += [
+            "The test split's rows are listed in test_split.json (with the sha256 of the data file): score those "
+            "texts with `fhirplug.load_plugin(bundle).predict_texts` to get the test metrics above.",
+            "",
+        ]
     return "\n".join(lines)
 
 

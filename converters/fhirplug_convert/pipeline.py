@@ -12,6 +12,7 @@ recorded with where they came from in the manifest and the model card, as are th
 
 from __future__ import annotations
 
+import json
 import shlex
 import tempfile
 import time
@@ -24,14 +25,21 @@ import numpy as np
 
 from fhirplug.errors import ConvertError
 from fhirplug.manifest import Manifest
-from fhirplug_convert import _windows, export, finetune, quantize, validate
+from fhirplug_convert import _core, export, finetune, quantize, validate
 from fhirplug_convert.datasets import Splits, load_splits
 from fhirplug_convert.evaluate import expected_calibration_error, fit_temperature, tune_thresholds
-from fhirplug_convert.package import BundleContent, portable_path, prepare_out_dir, recorded_base_model, write_bundle
+from fhirplug_convert.package import (
+    BundleContent,
+    portable_path,
+    prepare_out_dir,
+    recorded_base_model,
+    test_split_record,
+    write_bundle,
+)
 from fhirplug_convert.recipe import Recipe, load_recipe, resolve_base_model, resolve_training
 from fhirplug_convert.tasks import get_task
 
-__all__ = ["ConvertResult", "convert"]
+__all__ = ["ConvertResult", "Int8Quantizer", "Variants", "convert", "export_variants"]
 
 
 @dataclass(frozen=True)
@@ -232,6 +240,7 @@ def training_record(
 def _int8_fallback(
     fp32: Path,
     work: Path,
+    int8: Int8Quantizer,
     score_path: Callable[[Path], list[np.ndarray]],
     fp32_notes: list[np.ndarray],
     targets: np.ndarray,
@@ -250,7 +259,7 @@ def _int8_fallback(
 
     def attempt(name: str, nodes: list[str]) -> tuple[tuple[float, float], Path, list[np.ndarray], dict[str, Any]]:
         path = work / f"model.int8.{name}.onnx"
-        quantize.quantize_int8(fp32, path, keep_fp32=nodes)
+        int8.quantize(fp32, path, nodes)
         notes = score_path(path)
         entry = validate.compare_variant(fp32_notes, notes, targets, calibrated, tolerance)
         say(
@@ -279,6 +288,45 @@ def _int8_fallback(
     return path, notes, entry
 
 
+@dataclass(frozen=True)
+class Int8Quantizer:
+    """How this build makes int8: the recipe's mode and, for static, the calibration windows (kept, so the
+    mixed-precision fallback re-quantizes with the very same ranges)."""
+
+    mode: quantize.Int8Mode
+    feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+    def quantize(self, source: Path, target: Path, keep_fp32: list[str] | tuple[str, ...] = ()) -> None:
+        quantize.quantize_int8(source, target, keep_fp32, mode=self.mode, calibration=self.feeds)
+
+    def describe(self) -> dict[str, Any]:
+        """The parity report's ``quantization`` entry."""
+        if self.mode == "dynamic":
+            return {"mode": "dynamic", "weights": "int8 per channel", "activations": "uint8, range per batch"}
+        return {
+            "mode": "static",
+            "format": "QDQ",
+            "weights": "int8 per channel",
+            "activations": "uint8, calibrated range (MinMax)",
+            "quantized": "encoder MatMuls (feed-forward, attention output); Attention QKV, pooler, classifier fp32",
+            "calibration": {"split": "train", "windows": len(self.feeds)},
+        }
+
+
+@dataclass(frozen=True)
+class Variants:
+    """What :func:`export_variants` made."""
+
+    fp32: Path
+    #: precision → ONNX file, every variant the recipe asks for.
+    files: dict[str, Path]
+    fused: dict[str, int]
+    tokenizer: Path
+    int8: Int8Quantizer
+    #: Opens the runtime's session for one of ``files`` (see :mod:`fhirplug_convert._core`).
+    open: Callable[[Path, str], Any]
+
+
 def export_variants(
     recipe: Recipe,
     trained: finetune.TrainedModel,
@@ -287,9 +335,13 @@ def export_variants(
     work: Path,
     say: Callable[[str], None],
     lap: Callable[[str], None],
-) -> tuple[Path, dict[str, Path], dict[str, int], Path]:
-    """Export → optimize → quantize, each stage timed (``lap``). Returns fp32, every variant, the fusion counts and
-    the tokenizer file."""
+    calibration_texts: list[str],
+) -> Variants:
+    """Export → optimize → quantize, each stage timed (``lap``).
+
+    Static int8 is calibrated on the runtime's windows of ``calibration_texts`` (the training split), at most
+    ``export.int8_calibration_windows`` of them.
+    """
     raw = work / "model.raw.onnx"
     export.export_onnx(trained.module, raw, task, recipe.opset, int(trained.config.vocab_size))
     tokenizer_path = work / "tokenizer.json"
@@ -303,15 +355,51 @@ def export_variants(
     else:
         raw.replace(fp32)
     lap("optimize")
+
+    def open_session(path: Path, precision: str) -> Any:
+        return _core.open_session(
+            path,
+            tokenizer_path,
+            max_tokens=trained.max_tokens,
+            stride=recipe.training.stride,
+            precision=precision,
+            opset=recipe.opset,
+        )
+
     files = {"fp32": fp32}
+    int8 = Int8Quantizer(recipe.export.int8)
     if "int8" in recipe.export.variants:
+        if recipe.export.int8 == "static":
+            feeds = _core.calibration_feeds(
+                open_session(fp32, "fp32"), calibration_texts, recipe.export.int8_calibration_windows
+            )
+            int8 = Int8Quantizer("static", feeds)
         files["int8"] = work / "model.int8.onnx"
-        quantize.quantize_int8(fp32, files["int8"])
+        int8.quantize(fp32, files["int8"])
+        calibrated = f", calibrated on {len(int8.feeds)} training windows" if int8.feeds else ""
+        say(f"int8: {recipe.export.int8}{calibrated}")
     if "fp16" in recipe.export.variants:
         files["fp16"] = work / "model.fp16.onnx"
         quantize.convert_fp16(fp32, files["fp16"])
     lap("quantize")
-    return fp32, files, fused, tokenizer_path
+    return Variants(fp32, files, fused, tokenizer_path, int8, open_session)
+
+
+#: The bundle file that names the rows of the test split, so anyone can re-score it (see package.test_split_record).
+TEST_SPLIT = "test_split.json"
+
+
+def _write_test_split(recipe: Recipe, splits: Splits, work: Path) -> Path:
+    path = work / TEST_SPLIT
+    path.write_text(json.dumps(test_split_record(recipe, splits), indent=2, ensure_ascii=False) + "\n", "utf-8")
+    return path
+
+
+def _int8_ops(path: Path) -> dict[str, int]:
+    """The quantization-relevant operators onnxruntime runs the int8 graph as (after its graph optimization)."""
+    counts = quantize.runtime_op_counts(path)
+    watched = ("QLinear", "QGemm", "QAttention", "MatMulInteger", "DynamicQuantize", "QuantizeLinear", "Dequantize")
+    return {op: n for op, n in counts.items() if op.startswith(watched) or op in ("MatMul", "Attention")}
 
 
 def _build(
@@ -331,23 +419,22 @@ def _build(
     labels = recipe.label_names
     multi_label = recipe.output.multi_label
     tolerance = recipe.tolerance()
-    batch = recipe.training.eval_batch_size
     stride = recipe.training.stride
 
-    fp32, files, fused, tokenizer_path = export_variants(recipe, trained, tokenizer, task, work, say, lap)
+    made = export_variants(recipe, trained, tokenizer, task, work, say, lap, [e.text for e in splits.train])
+    fp32, files, fused, tokenizer_path = made.fp32, made.files, made.fused, made.tokenizer
 
-    windowed = _windows.window_tokenizer(tokenizer, trained.max_tokens, stride)
-    pad = _windows.pad_id(windowed)
+    # Every number below comes from the runtime's own session (windows, batches, padding): see _core.
     valid_texts = [e.text for e in splits.validation]
-    valid_windows = _windows.encode_windows(windowed, valid_texts)
     valid_targets = finetune.targets_of(splits.validation, labels, multi_label)
+    fp32_session = made.open(fp32, "fp32")
+    provider = fp32_session.provider
+    fp32_notes = _core.note_logits(fp32_session, valid_texts)
+    torch_notes = _core.note_logits(_core.torch_session(trained.module, fp32_session), valid_texts)
 
-    def score(runner: _windows.Runner, windows: _windows.Windows, n: int) -> list[np.ndarray]:
-        return _windows.score_notes(runner, windows, n, batch, pad)
-
-    torch_notes = score(finetune.torch_runner(trained.module), valid_windows, len(valid_texts))
-    run_fp32, provider = validate.onnx_runner(fp32, "fp32")
-    fp32_notes = score(run_fp32, valid_windows, len(valid_texts))
+    def score(path: Path, precision: str, texts: list[str]) -> tuple[list[np.ndarray], str]:
+        session = made.open(path, precision)
+        return _core.note_logits(session, texts), session.provider
 
     # Calibration is fit on what ships (fp32 ONNX), on validation, aggregated as the runtime aggregates.
     temperature = fit_temperature(fp32_notes, valid_targets, multi_label=multi_label)
@@ -379,17 +466,16 @@ def _build(
     report: dict[str, Any] = {
         "split": "validation",
         "texts": len(valid_texts),
-        "windows": len(valid_windows.ids),
+        "windows": int(sum(len(n) for n in fp32_notes)),
+        "batch_size": _core.RUNTIME_BATCH_SIZE,
         "tolerance": tolerance,
         "variants": {"fp32": fp32_entry},
     }
-    variant_notes = {"fp32": fp32_notes}
     for precision in ("int8", "fp16"):
         if precision not in files:
             continue
         try:
-            runner, used = validate.onnx_runner(files[precision], precision)
-            notes = score(runner, valid_windows, len(valid_texts))
+            notes, used = score(files[precision], precision, valid_texts)
         except Exception as exc:  # onnxruntime: no kernel for this precision on the providers present
             if precision != "fp16":
                 raise
@@ -403,7 +489,8 @@ def _build(
             fallback = _int8_fallback(
                 fp32,
                 work,
-                lambda path: score(validate.onnx_runner(path, "int8")[0], valid_windows, len(valid_texts)),
+                made.int8,
+                lambda path: score(path, "int8", valid_texts)[0],
                 fp32_notes,
                 valid_targets,
                 calibrated,
@@ -414,8 +501,9 @@ def _build(
             if fallback is not None:
                 path, notes, entry = fallback
                 path.replace(files["int8"])
+        if precision == "int8":
+            entry["quantization"] = {**made.int8.describe(), "runs_as": _int8_ops(files["int8"])}
         report["variants"][precision] = {"provider": used, **entry}
-        variant_notes[precision] = notes
     keep = validate.gate(report, recipe.export.allow_drop, recipe.parity.require)
     for precision, entry in report["variants"].items():
         say(
@@ -425,12 +513,11 @@ def _build(
     lap("parity")
 
     test_texts = [e.text for e in splits.test]
-    test_windows = _windows.encode_windows(windowed, test_texts)
     test_targets = finetune.targets_of(splits.test, labels, multi_label)
     test_metrics: dict[str, Any] = {}
     for precision in keep:
-        runner, _ = validate.onnx_runner(files[precision], precision)
-        test_metrics[precision] = calibrated.metrics(score(runner, test_windows, len(test_texts)), test_targets)
+        notes = score(files[precision], precision, test_texts)[0]
+        test_metrics[precision] = calibrated.metrics(notes, test_targets)
     metrics = {
         "split": "test",
         "test": test_metrics,
@@ -460,6 +547,7 @@ def _build(
         training=training_record(recipe, trained, splits.description, fused, record),
         timings=record["timings"],
         command=_command(recipe, out, overrides),
+        extra_files={TEST_SPLIT: _write_test_split(recipe, splits, work)},
     )
     manifest = write_bundle(out, recipe, content, fused=fused, signing_key=sign_key, before_card=lambda: lap("package"))
     say(f"bundle: {out} ({', '.join(keep)})")

@@ -342,7 +342,13 @@ class TrainingSpec(_Frozen):
         description=f"Most epochs to train. Default: chosen from the training-set size ({EPOCHS_REASON}).",
     )
     batch_size: int = Field(default=16, ge=1, description="Training batch size (windows).")
-    eval_batch_size: int = Field(default=32, ge=1, description="Batch size for validation, parity and test scoring.")
+    eval_batch_size: int = Field(
+        default=32,
+        ge=1,
+        description="Batch size of the per-epoch validation in torch (best-epoch choice). Calibration, the parity "
+        "gate and the test metrics run through the runtime's own session at its batch size instead, so a model "
+        "card's numbers are the runtime's.",
+    )
     learning_rate: float | None = Field(
         default=None,
         gt=0,
@@ -397,6 +403,17 @@ class ExportSpec(_Frozen):
         default=(),
         description="Variants that may fail the parity gate silently: left out, exit 0. A failing variant not "
         "listed here is also left out, but the converter exits 8 so the omission is seen.",
+    )
+    int8: Literal["static", "dynamic"] = Field(
+        default="static",
+        description="int8 quantization. static: QDQ, activation ranges calibrated once on training windows "
+        "(MinMax), so a note's scores do not depend on the other notes in its batch; dynamic: activations "
+        "quantized per batch (a note's scores then move slightly with its batch-mates).",
+    )
+    int8_calibration_windows: int = Field(
+        default=256,
+        ge=1,
+        description="static int8: how many training windows (in data order) calibrate the activation ranges.",
     )
     int8_fallback: bool = Field(
         default=True,

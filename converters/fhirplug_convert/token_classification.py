@@ -33,7 +33,7 @@ from fhirplug._coding import ConceptIndex, build_index, merge_names
 from fhirplug.errors import ConvertError
 from fhirplug.session import Window, _window
 from fhirplug.tasks.token_classification import Span, decode_spans, drop_cues, merge_windows, tag_names
-from fhirplug_convert import _windows, finetune
+from fhirplug_convert import _core, finetune
 from fhirplug_convert.datasets import Example
 from fhirplug_convert.recipe import Recipe
 
@@ -42,6 +42,7 @@ __all__ = [
     "encode",
     "ner_metrics",
     "predict_spans",
+    "runtime_logits",
     "score_windows",
     "train",
 ]
@@ -66,7 +67,7 @@ def _char_owner(example: Example) -> np.ndarray:
 
 
 def encode(tokenizer: Tokenizer, examples: Sequence[Example], types: Sequence[str]) -> Encoded:
-    """Windows of ``examples`` (``tokenizer`` from ``_windows.window_tokenizer``) and their BIO targets."""
+    """Windows of ``examples`` (``tokenizer`` from ``finetune._window_tokenizer``) and their BIO targets."""
     tag_index = {t: i for i, t in enumerate(tag_names(types))}
     windows: list[Window] = []
     targets: list[list[int]] = []
@@ -96,19 +97,24 @@ def encode(tokenizer: Tokenizer, examples: Sequence[Example], types: Sequence[st
 
 
 def _feed(windows: Sequence[Window], pad: int) -> dict[str, np.ndarray]:
-    return _windows.pad_batch([list(w.ids) for w in windows], [list(w.type_ids) for w in windows], pad)
+    return finetune.pad_batch([list(w.ids) for w in windows], [list(w.type_ids) for w in windows], pad)
 
 
-def score_windows(run: _windows.Runner, windows: Sequence[Window], batch_size: int, pad: int) -> list[np.ndarray]:
-    """Each window's ``[tokens, tags]`` logits (padding cut off), batched by length as the runtime batches."""
-    out: list[np.ndarray | None] = [None] * len(windows)
-    order = sorted(range(len(windows)), key=lambda i: len(windows[i].ids))
-    for first in range(0, len(order), batch_size):
-        chunk = order[first : first + batch_size]
-        logits = np.asarray(run(_feed([windows[i] for i in chunk], pad)), dtype=np.float32)
-        for row, i in enumerate(chunk):
-            out[i] = logits[row, : len(windows[i].ids)]
-    return [x for x in out if x is not None]
+def score_windows(module: nn.Module, windows: Sequence[Window], batch_size: int, pad: int) -> list[np.ndarray]:
+    """Each window's ``[tokens, tags]`` logits from the torch module (padding cut off), for the per-epoch
+    validation; once exported, every variant is scored by the runtime's session (:func:`runtime_logits`)."""
+    out: list[np.ndarray] = []
+    for first in range(0, len(windows), batch_size):
+        chunk = windows[first : first + batch_size]
+        logits = finetune.torch_logits(module, _feed(chunk, pad))
+        out.extend(logits[row, : len(w.ids)] for row, w in enumerate(chunk))
+    return out
+
+
+def runtime_logits(session: Any, texts: Sequence[str]) -> tuple[list[Window], list[np.ndarray]]:
+    """The runtime's windows of ``texts`` and each one's ``[tokens, tags]`` logits (padding cut off)."""
+    windows, outputs = _core.window_outputs(session, texts)
+    return windows, [o[: len(w.ids)] for w, o in zip(windows, outputs, strict=True)]
 
 
 def predict_spans(
@@ -305,10 +311,10 @@ def train(
     module = finetune._prepare(model, recipe, task_type="TOKEN_CLS")
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())
-    windowed = _windows.window_tokenizer(tokenizer, max_tokens, spec.stride)
+    windowed = finetune._window_tokenizer(tokenizer, max_tokens, spec.stride)
     data = encode(windowed, train_set, types)
     valid = encode(windowed, validation, types)
-    pad = _windows.pad_id(tokenizer)
+    pad = tokenizer.token_to_id("[PAD]") or 0
     steps_per_epoch = math.ceil(len(data.windows) / spec.batch_size)
     total_steps = spec.epochs * steps_per_epoch
     if spec.max_steps is not None:
@@ -356,7 +362,7 @@ def train(
                 if step % 50 == 0:
                     log(f"  step {step}/{total_steps}: loss {float(loss.detach()):.4f}")
             module.eval()
-            logits_v = score_windows(finetune.torch_runner(module), valid.windows, spec.eval_batch_size, pad)
+            logits_v = score_windows(module, valid.windows, spec.eval_batch_size, pad)
             spans = predict_spans([e.text for e in validation], valid.windows, logits_v, types)
             f1 = ner_metrics(validation, spans, types)["mentions"]["micro"]["f1"]
             history.append({"epoch": epoch, "step": step, "train_loss": running / max(seen, 1), "entity_f1": f1})
@@ -426,7 +432,7 @@ def build(
     """
     from fhirplug_convert import validate
     from fhirplug_convert.package import BundleContent, prepare_out_dir, write_bundle
-    from fhirplug_convert.pipeline import export_variants, training_record
+    from fhirplug_convert.pipeline import TEST_SPLIT, _int8_ops, _write_test_split, export_variants, training_record
     from fhirplug_convert.tasks import get_task
 
     record = record or {}
@@ -434,24 +440,21 @@ def build(
     types = recipe.label_names
     task = get_task(recipe.task)
     tolerance = recipe.tolerance()
-    batch = recipe.training.eval_batch_size
-    stride = recipe.training.stride
-
-    fp32, files, fused, tokenizer_path = export_variants(recipe, trained, tokenizer, task, work, say, lap)
+    made = export_variants(recipe, trained, tokenizer, task, work, say, lap, [e.text for e in splits.train])
+    fp32, files, fused, tokenizer_path = made.fp32, made.files, made.fused, made.tokenizer
 
     index, extra, facts = build_terminology(recipe, [*splits.train, *splits.validation], work)
     say(f"terminology: {facts['concepts']} concepts, {facts['names']} names")
     lap("terminology")
 
-    windowed = _windows.window_tokenizer(tokenizer, trained.max_tokens, stride)
-    pad = _windows.pad_id(windowed)
+    # Every variant (and torch, on the same windows and batches) is scored by the runtime's own session.
     valid_texts = [e.text for e in splits.validation]
-    valid = encode(windowed, splits.validation, types)
-    torch_logits = score_windows(finetune.torch_runner(trained.module), valid.windows, batch, pad)
-    run_fp32, provider = validate.onnx_runner(fp32, "fp32")
-    fp32_logits = score_windows(run_fp32, valid.windows, batch, pad)
+    fp32_session = made.open(fp32, "fp32")
+    provider = fp32_session.provider
+    windows, fp32_logits = runtime_logits(fp32_session, valid_texts)
+    _, torch_logits = runtime_logits(_core.torch_session(trained.module, fp32_session), valid_texts)
     diff = float(max((np.abs(a - b).max() for a, b in zip(torch_logits, fp32_logits, strict=True)), default=0.0))
-    fp32_f1 = ner_metrics(splits.validation, predict_spans(valid_texts, valid.windows, fp32_logits, types), types)
+    fp32_f1 = ner_metrics(splits.validation, predict_spans(valid_texts, windows, fp32_logits, types), types)
     fp32_entry: dict[str, Any] = {
         "status": "passed" if diff <= tolerance["max_abs_logit_diff"] else "failed",
         "provider": provider,
@@ -464,7 +467,8 @@ def build(
     report: dict[str, Any] = {
         "split": "validation",
         "texts": len(valid_texts),
-        "windows": len(valid.windows),
+        "windows": len(windows),
+        "batch_size": _core.RUNTIME_BATCH_SIZE,
         "tokens": int(sum(len(x) for x in fp32_logits)),
         "tolerance": tolerance,
         "metric": "strict entity micro-F1; agreement = per-token argmax agreement with fp32",
@@ -475,8 +479,9 @@ def build(
         if precision not in files:
             continue
         try:
-            runner, used = validate.onnx_runner(files[precision], precision)
-            logits = score_windows(runner, valid.windows, batch, pad)
+            session = made.open(files[precision], precision)
+            used = session.provider
+            _, logits = runtime_logits(session, valid_texts)
         except Exception as exc:  # onnxruntime: no kernel for this precision on the providers present
             if precision != "fp16":
                 raise
@@ -485,7 +490,7 @@ def build(
                 "reason": f"no GPU provider, and the CPU provider cannot run it ({str(exc).splitlines()[0][:200]})",
             }
             continue
-        value = ner_metrics(splits.validation, predict_spans(valid_texts, valid.windows, logits, types), types)
+        value = ner_metrics(splits.validation, predict_spans(valid_texts, windows, logits, types), types)
         f1 = value["mentions"]["micro"]["f1"]
         agreement = _agreement(fp32_logits, logits)
         drop = round((reference - f1) * 100, 4)
@@ -508,6 +513,8 @@ def build(
         }
         if reasons:
             entry["reasons"] = reasons
+        if precision == "int8":
+            entry["quantization"] = {**made.int8.describe(), "runs_as": _int8_ops(files["int8"])}
         report["variants"][precision] = entry
     keep = validate.gate(report, recipe.export.allow_drop, recipe.parity.require)
     for precision, item in report["variants"].items():
@@ -515,12 +522,10 @@ def build(
     lap("parity")
 
     test_texts = [e.text for e in splits.test]
-    test = encode(windowed, splits.test, types)
     test_metrics: dict[str, Any] = {}
     for precision in keep:
-        runner, _ = validate.onnx_runner(files[precision], precision)
-        logits = score_windows(runner, test.windows, batch, pad)
-        spans = predict_spans(test_texts, test.windows, logits, types, 1.0, recipe.entities.min_confidence)
+        test_windows, logits = runtime_logits(made.open(files[precision], precision), test_texts)
+        spans = predict_spans(test_texts, test_windows, logits, types, 1.0, recipe.entities.min_confidence)
         test_metrics[precision] = ner_metrics(splits.test, spans, types, index)
         say(f"test {precision}: {json.dumps({k: v['f1'] for k, v in test_metrics[precision]['mentions'].items()})}")
     metrics = {
@@ -543,14 +548,14 @@ def build(
         variants={p: files[p] for p in keep},
         tokenizer=tokenizer_path,
         max_tokens=trained.max_tokens,
-        stride=stride,
+        stride=recipe.training.stride,
         calibration={"temperature": 1.0, "thresholds": {}, "default_threshold": 0.5},
         metrics=metrics,
         parity=report,
         training=training,
         timings=record.get("timings", {}),
         command=command,
-        extra_files={name: path for name, path in extra.items()},
+        extra_files={**extra, TEST_SPLIT: _write_test_split(recipe, splits, work)},
         manifest_extra={
             "entities": {
                 "resources": dict(entities.resources),

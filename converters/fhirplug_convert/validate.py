@@ -1,8 +1,8 @@
 """The parity gate: every packaged variant behaves like the model that was trained.
 
-On the validation split, windowed and batched as the runtime does:
+On the validation split, every variant scored by the runtime's own session (:mod:`fhirplug_convert._core`):
 
-- fp32 ONNX against torch, on the same padded batches: max |Δlogit| ≤ ``max_abs_logit_diff`` (1e-3).
+- fp32 ONNX against torch, on the same windows and padded batches: max |Δlogit| ≤ ``max_abs_logit_diff`` (1e-3).
 - int8 and fp16 against fp32 ONNX, both calibrated: the task metric (accuracy; micro-F1 for multi-label) drops
   by at most ``max_metric_drop`` points (1.0), and at least ``min_agreement`` (98%) of decisions agree (argmax;
   multi-label: every note × label decision).
@@ -21,18 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fhirplug.errors import ConvertError
-from fhirplug_convert import _windows
 from fhirplug_convert.evaluate import aggregate_windows, classification_metrics, decide, task_metric
 
-__all__ = ["Calibrated", "ParityError", "compare_variant", "gate", "onnx_runner", "torch_vs_onnx"]
-
-_GPU = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+__all__ = ["Calibrated", "ParityError", "compare_variant", "gate", "torch_vs_onnx"]
 
 
 class ParityError(ConvertError):
@@ -60,32 +56,6 @@ class Calibrated:
         return classification_metrics(
             self.probabilities(notes), targets, self.labels, multi_label=self.multi_label, thresholds=self.thresholds
         )
-
-
-def onnx_runner(path: Path, precision: str) -> tuple[_windows.Runner, str]:
-    """An onnxruntime runner for ``path``: GPU providers first for fp16 when present, else the CPU.
-
-    Returns:
-        The runner and the provider that runs it.
-
-    Raises:
-        RuntimeError: no provider can load the model (the caller decides what that means).
-    """
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    providers = [p for p in _GPU if p in available] if precision == "fp16" else []
-    providers.append("CPUExecutionProvider")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=providers)
-    names = {i.name for i in session.get_inputs()}
-
-    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
-        (logits,) = session.run(["logits"], {k: v for k, v in feed.items() if k in names})
-        return np.asarray(logits, dtype=np.float32)
-
-    return run, session.get_providers()[0]
 
 
 def torch_vs_onnx(torch_notes: Sequence[np.ndarray], onnx_notes: Sequence[np.ndarray]) -> float:

@@ -14,6 +14,7 @@ import textwrap
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.conftest import FIXTURES
@@ -199,20 +200,26 @@ def write_recipe(
     return recipe
 
 
+def is_classifier_weight_scale(name: str) -> bool:
+    """What scales the int8 model's classifier weights: the fp32 weight itself (static int8 keeps the classifier
+    fp32) or its quantization scale (dynamic: ``..._weight_Transposed_scale``). Negating it flips decisions."""
+    return name.endswith("classifier.weight") or ("classifier.weight" in name and name.endswith("_scale"))
+
+
 def corrupt_int8(monkeypatch: pytest.MonkeyPatch) -> None:
-    """int8 quantization that also negates the classifier's weight scale, so decisions flip."""
+    """int8 quantization that also negates the classifier's weights (or their scale), so decisions flip."""
     import onnx
 
     import fhirplug_convert.quantize
 
     real = fhirplug_convert.quantize.quantize_int8
 
-    def broken(source: Path, target: Path, keep_fp32: Sequence[str] = ()) -> None:
-        real(source, target, keep_fp32)
+    def broken(source: Path, target: Path, keep_fp32: Sequence[str] = (), **options: Any) -> None:
+        real(source, target, keep_fp32, **options)
         model = onnx.load(str(target))
         hits = 0
         for init in model.graph.initializer:
-            if "classifier" in init.name and init.name.endswith("_scale"):
+            if is_classifier_weight_scale(init.name):
                 values = onnx.numpy_helper.to_array(init)
                 init.CopyFrom(onnx.numpy_helper.from_array(-values, init.name))
                 hits += 1

@@ -134,10 +134,15 @@ def test_gate_drops_only_what_the_recipe_allows() -> None:
             }
         }
 
+    # Required: the failure stops the build.
     with pytest.raises(ParityError, match=r"parity gate failed — int8: accuracy drops 5\.00 points") as caught:
-        gate(report(), allow_drop=())
+        gate(report(), allow_drop=(), require=("int8",))
     assert caught.value.report["variants"]["int8"]["status"] == "failed"
     assert caught.value.exit_code == 7
+    # Neither required nor allowed to drop: left out, and named in "failed" (the CLI exits 8 on it).
+    left = report()
+    assert gate(left, allow_drop=()) == ["fp32"]
+    assert left["variants"]["int8"]["status"] == "failed" and left["failed"] == ["int8"]
     allowed = report()
     assert gate(allowed, allow_drop=("int8",)) == ["fp32"]
     assert allowed["variants"]["int8"]["status"] == "dropped"

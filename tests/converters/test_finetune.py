@@ -85,3 +85,25 @@ def test_prompt_tuning_puts_virtual_tokens_after_cls(tiny_base: Path, tmp_path: 
     embeddings = module.model.get_input_embeddings()
     torch.testing.assert_close(seen["inputs_embeds"][:, 0], embeddings(ids[:, 0]))  # [CLS] first
     torch.testing.assert_close(seen["inputs_embeds"][0, 1:5], module.prompt.detach())
+
+
+def test_every_window_of_a_long_training_text_trains(tiny_base: Path, tmp_path: Path) -> None:
+    """One epoch is one pass over every window (stride as in the recipe), not over the texts' first windows."""
+    import math
+
+    from tokenizers import Tokenizer
+
+    from fhirplug_convert.datasets import load_splits
+    from fhirplug_convert.finetune import train
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_base, training="", max_tokens=32))
+    recipe = recipe.model_copy(update={"training": recipe.training.model_copy(update={"epochs": 1})})
+    splits = load_splits(recipe)
+    tokenizer = Tokenizer.from_file(str(tiny_base / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=32, stride=8)
+    windows = sum(1 + len(e.overflowing) for e in tokenizer.encode_batch([x.text for x in splits.train]))
+    # Some training notes are longer than one window: more steps than a pass over the texts takes.
+    assert math.ceil(windows / 16) > math.ceil(len(splits.train) / 16)
+    trained, _ = train(recipe, str(tiny_base), splits.train, splits.validation, progress=False)
+    assert trained.steps == math.ceil(windows / recipe.training.batch_size)

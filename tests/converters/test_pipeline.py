@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from numpy import testing as npt
-from tests.converters.conftest import LABELS, corrupt_int8, write_recipe
+from tests.converters.conftest import LABELS, corrupt_int8, is_classifier_weight_scale, write_recipe
 
+import fhirplug_convert._core
 import fhirplug_convert.quantize
 import fhirplug_convert.validate
 from fhirplug.bundle import generate_keypair, verify_bundle
@@ -51,7 +54,14 @@ def test_every_method_builds_a_verified_bundle(built: ConvertResult) -> None:
     assert manifest.variant("int8").providers == ("CPUExecutionProvider",)
     assert manifest.variant("fp16").providers == ("TensorrtExecutionProvider", "CUDAExecutionProvider")
     assert len(manifest.variant("fp32").providers) == 3
-    assert sorted(manifest.files) == ["README.md", "labels.json", "metrics.json", "parity.json", "tokenizer.json"]
+    assert sorted(manifest.files) == [
+        "README.md",
+        "labels.json",
+        "metrics.json",
+        "parity.json",
+        "test_split.json",
+        "tokenizer.json",
+    ]
     assert manifest.tokenizer.max_tokens == (60 if method == "prompt-tuning" else 32)  # prompt: 64 − 4 virtual
     assert manifest.tokenizer.stride == 8
     assert json.loads((built.bundle / "parity.json").read_text()) == manifest.parity
@@ -102,35 +112,61 @@ def test_tokenizer_json_has_no_fixed_padding_or_truncation(built: ConvertResult)
     assert tokenizer["padding"] is None and tokenizer["truncation"] is None
 
 
-def test_the_runtime_matches_the_converters_evaluation(built: ConvertResult) -> None:
-    """The runtime's probabilities equal the converter's aggregation (same windows, same rule)."""
-    fhirplug = pytest.importorskip("fhirplug")
-    if not hasattr(fhirplug, "load_plugin"):
-        pytest.skip("the runtime (fhirplug.load_plugin) is not there yet")
-    from fhirplug_convert import _windows
-    from fhirplug_convert.validate import Calibrated, onnx_runner
+def _macro_f1(predicted: np.ndarray, truth: np.ndarray, classes: int) -> float:
+    scores = []
+    for k in range(classes):
+        tp = int(((predicted == k) & (truth == k)).sum())
+        fp = int(((predicted == k) & (truth != k)).sum())
+        fn = int(((predicted != k) & (truth == k)).sum())
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return float(np.mean(scores))
 
-    manifest = built.manifest
-    texts = [
-        "Type 2 diabetes with elevated hba1c.",
-        "Hypertensive, continue lisinopril.",
-        "Vitals reviewed. No acute distress. " * 8 + "Wheezing, asthma exacerbation, albuterol given.",
-    ]
-    plugin = fhirplug.load_plugin(built.bundle, allow_unsigned=True, variant="fp32", provider="cpu")
-    runtime = plugin.predict_texts(texts)
-    from tokenizers import Tokenizer
 
-    tokenizer = _windows.window_tokenizer(
-        Tokenizer.from_file(str(built.bundle / "tokenizer.json")),
-        manifest.tokenizer.max_tokens,
-        manifest.tokenizer.stride,
-    )
-    windows = _windows.encode_windows(tokenizer, texts)
-    assert windows.note.count(2) > 1  # the long note really is several windows
-    runner, _ = onnx_runner(built.bundle / "model.fp32.onnx", "fp32")
-    notes = _windows.score_notes(runner, windows, len(texts), 4, _windows.pad_id(tokenizer))
-    ours = Calibrated([s.label for s in manifest.outputs.labels], False, manifest.calibration.temperature)
-    npt.assert_allclose(runtime, ours.probabilities(notes), atol=1e-4)
+def test_the_stored_test_split_rescored_by_the_runtime_gives_the_cards_metrics(built: ConvertResult) -> None:
+    """test_split.json names the test rows (and hashes the data): load_plugin + predict_texts on those rows gives
+    metrics.json's test metrics for every packaged variant, to 4 decimals."""
+    import fhirplug
+
+    split = json.loads((built.bundle / "test_split.json").read_text())
+    folder = built.bundle.parent  # the recipe's folder: the data file is beside the recipe
+    (data,) = split["data"]
+    assert data["file"] == "notes.csv"
+    assert data["sha256"] == hashlib.sha256((folder / "notes.csv").read_bytes()).hexdigest()
+    rows = list(csv.DictReader((folder / "notes.csv").read_text(encoding="utf-8").splitlines()))
+    texts, truth = [], []
+    names = [name for name, _, _ in LABELS]
+    for example in split["examples"]:
+        file, _, number = example["where"].partition(" row ")
+        row = rows[int(number) - 2]  # CSV rows count the header as row 1
+        assert file == "notes.csv" and [row["label"]] == example["labels"]
+        texts.append(row["text"])
+        truth.append(names.index(row["label"]))
+    digest = hashlib.sha256(b"".join(t.encode("utf-8") + b"\0" for t in texts)).hexdigest()
+    assert digest == split["texts_sha256"]
+    assert len(texts) == built.metrics["splits"]["test"] > 5
+
+    stored = json.loads((built.bundle / "metrics.json").read_text())["test"]
+    assert sorted(stored) == sorted(built.parity["packaged"])
+    for precision, expected in stored.items():
+        if precision == "fp16":
+            continue  # a GPU variant: the manifest offers it to no CPU provider, and the test runs on the CPU
+        plugin = fhirplug.load_plugin(built.bundle, allow_unsigned=True, variant=precision, provider="cpu")
+        predicted = plugin.predict_texts(texts).argmax(axis=1)
+        answer = np.array(truth)
+        assert round(float((predicted == answer).mean()), 4) == round(expected["accuracy"], 4)
+        assert round(_macro_f1(predicted, answer, len(names)), 4) == round(expected["macro_f1"], 4)
+
+
+def test_int8_is_static_qdq_and_runs_as_fixed_scale_integer_kernels(built: ConvertResult) -> None:
+    """The default int8 is static: no activation quantized per call in what onnxruntime runs."""
+    entry = built.parity["variants"]["int8"]
+    quantization = entry["quantization"]
+    assert quantization["mode"] == "static" and quantization["format"] == "QDQ"
+    assert 0 < quantization["calibration"]["windows"] <= 256
+    ops = quantization["runs_as"]
+    assert ops.get("MatMulIntegerToFloat", 0) == 6  # 3 MatMuls per layer × 2 layers (the Attention QKV stays fp32)
+    assert not set(ops) & {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "QAttention"}
+    assert "static QDQ" in (built.bundle / "README.md").read_text()
 
 
 # --- one-off runs (full fine-tuning, few steps) -------------------------------------------------------------------
@@ -175,13 +211,14 @@ def test_int8_falls_back_to_mixed_precision(tiny_base: Path, tmp_path: Path, mon
     real = fhirplug_convert.quantize.quantize_int8
     calls: list[tuple[str, ...]] = []
 
-    def sensitive_layer_1(source: Path, target: Path, keep_fp32: Sequence[str] = ()) -> None:
+    def sensitive_layer_1(source: Path, target: Path, keep_fp32: Sequence[str] = (), **options: Any) -> None:
         calls.append(tuple(keep_fp32))
-        real(source, target, keep_fp32)
+        assert options["mode"] == "static" and options["calibration"]  # the fallback re-uses the calibration
+        real(source, target, keep_fp32, **options)
         if not any("layer.1/" in name for name in keep_fp32):  # layer 1 quantized: decisions flip
             model = onnx.load(str(target))
             for init in model.graph.initializer:
-                if "classifier" in init.name and init.name.endswith("_scale"):
+                if is_classifier_weight_scale(init.name):
                     init.CopyFrom(onnx.numpy_helper.from_array(-onnx.numpy_helper.to_array(init), init.name))
             onnx.save(model, str(target))
 
@@ -196,9 +233,16 @@ def test_int8_falls_back_to_mixed_precision(tiny_base: Path, tmp_path: Path, mon
     mixed = entry["mixed_precision"]
     assert len(mixed["kept_fp32"]) == 1 and "layer.1/" in mixed["kept_fp32"][0]
     assert mixed["full_int8"]["agreement"] < 0.98
-    shipped = {n.name: n.op_type for n in onnx.load(str(result.bundle / "model.int8.onnx")).graph.node}
-    assert shipped[mixed["kept_fp32"][0]] == "MatMul"
-    assert sum(op == "MatMul" for name, op in shipped.items() if "layer." in name) == 1
+    graph = onnx.load(str(result.bundle / "model.int8.onnx")).graph
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    # A QDQ MatMul reads DequantizeLinear outputs; the one kept fp32 reads plain float tensors.
+    float_matmuls = [
+        n.name
+        for n in graph.node
+        if n.op_type == "MatMul" and "layer." in n.name and not dequantized.intersection(n.input)
+    ]
+    assert float_matmuls == mixed["kept_fp32"]
+    assert sum(n.op_type == "MatMul" and "layer." in n.name for n in graph.node) == 6
     assert "int8 is mixed precision" in (result.bundle / "README.md").read_text()
 
 
@@ -219,14 +263,14 @@ def test_the_gate_drops_a_broken_variant_when_allowed(
 def test_fp16_that_no_provider_runs_is_unverified_and_left_out(
     tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = fhirplug_convert.validate.onnx_runner
+    real = fhirplug_convert._core.open_session
 
-    def cpu_without_fp16(path: Path, precision: str) -> Any:
-        if precision == "fp16":
+    def cpu_without_fp16(path: Path, tokenizer: Path, **options: Any) -> Any:
+        if options["precision"] == "fp16":
             raise RuntimeError("NOT_IMPLEMENTED : Could not find an implementation for MatMul(13) (float16)")
-        return real(path, precision)
+        return real(path, tokenizer, **options)
 
-    monkeypatch.setattr(fhirplug_convert.validate, "onnx_runner", cpu_without_fp16)
+    monkeypatch.setattr(fhirplug_convert._core, "open_session", cpu_without_fp16)
     recipe = write_recipe(tmp_path, tiny_base, export='variants = ["fp32", "fp16"]')
     result = convert(recipe, tmp_path / "bundle", progress=False, max_steps=6)
     entry = result.parity["variants"]["fp16"]

@@ -118,7 +118,7 @@ def test_predict_partial_failure_exit_4(runner: CliRunner, tmp_path: Path) -> No
 def test_predict_missing_file(runner: CliRunner) -> None:
     result = runner.invoke(main, ["predict", TINY, "/no/such/file.json", "--allow-unsigned"])
     assert result.exit_code == 4
-    assert "cannot read the input file" in result.output
+    assert "/no/such/file.json: cannot read the file (No such file or directory)" in result.output
 
 
 def test_predict_unavailable_provider(runner: CliRunner, tmp_path: Path) -> None:
