@@ -630,7 +630,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = {"command": "benchmarks/adversarial.py " + shlex.join(argv or sys.argv[1:]), **summary}
         report["default_plugin_flags"] = ws.default_flags
         report["cases"] = [asdict(r) for r in results]
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        text = json.dumps(report, indent=2) + "\n"
+        # No machine paths in a committed results file: the repository and the scratch folder are named relatively.
+        text = text.replace(str(REPO / ".venv" / "bin") + "/", "").replace(str(REPO) + "/", "")
+        text = text.replace(str(root) + "/", "WORK/")
+        args.json.write_text(text, encoding="utf-8")
         print(f"wrote {args.json}")
     return 0 if summary["clean"] == summary["total"] else 1
 
