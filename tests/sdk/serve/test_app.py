@@ -149,10 +149,11 @@ def test_a_hook_call_fetches_missing_prefetch_from_the_fhir_server(
     body = _hook(patient="serve-p1", fhirServer=fhir_base, fhirAuthorization=auth)
     with caplog.at_level(logging.INFO, logger="fhirplug.serve"):
         response = client.post("/cds-services/tiny-notes", body)
+        lines = _request_lines(caplog, 1)  # inside the block: the line is written after the response
     assert response.status_code == 200, response.text
     cards = response.json()["cards"]
     assert "44054006" in cards[0]["summary"] and "DocumentReference/serve-n1" in cards[0]["detail"]
-    (line,) = _request_lines(caplog, 1)
+    (line,) = lines
     assert line["fetched_pages"] == 5 and line["texts"] == 1  # one search per prefetch template
     assert EHR_TOKEN not in caplog.text and "serve-p1" not in caplog.text
 
@@ -462,8 +463,8 @@ def test_logs_hold_no_note_text_patient_id_or_token(client: Client, caplog: pyte
             _hook(prefetch, patient="pt-4711-secret"),
             headers={"Authorization": f"Bearer {token}"},
         )
+        lines = _request_lines(caplog, 2)  # inside the block: each line is written after its response
     assert (ok.status_code, replayed.status_code) == (200, 401)
-    lines = _request_lines(caplog, 2)
     assert [(line["status"], line["service"], line["route"]) for line in lines] == [
         (200, "tiny-notes", "hook"),
         (401, "tiny-notes", "hook"),

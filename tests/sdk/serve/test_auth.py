@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import threading
 import time
 import uuid
@@ -661,7 +662,10 @@ def test_weak_or_jwt_shaped_static_tokens_are_a_usage_error(token: str) -> None:
 
 
 def test_insecure_warns_once_and_lets_everyone_in(caplog: pytest.LogCaptureFixture) -> None:
-    with pytest.warns(InsecureAuthWarning, match="WITHOUT authentication"):
+    with (
+        caplog.at_level(logging.WARNING, logger="fhirplug.serve.auth"),
+        pytest.warns(InsecureAuthWarning, match="WITHOUT authentication"),
+    ):
         auth = Authenticator(AuthConfig(insecure=True))
     assert "WITHOUT authentication" in caplog.text
     for header in (None, "Basic x", "Bearer " + make_token(EC384_OTHER)):
