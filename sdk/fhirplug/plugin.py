@@ -462,32 +462,16 @@ class Plugin:
 
     def _predict(self, sources: list[TextSource], names: list[str | None]) -> tuple[list[Prediction], list[Issue]]:
         """Budget, then stream: the admitted sources are predicted; every other one gets its issue."""
-        issues: list[Issue] = []
-        texts: list[str] = []
-        unprepared: set[int] = set()
-        for i, (source, name) in enumerate(zip(sources, names, strict=True)):
-            try:
-                (text,) = self.task.prepare([source])
-                if not isinstance(text, str):
-                    raise TypeError(f"{type(self.task).__name__}.prepare gave a {type(text).__name__}, not a str")
-            except Exception as exc:  # a task's own code failing on one text
-                issues.append(_failed(source, name, "preparing the text", exc))
-                unprepared.add(i)
-                text = ""
-            texts.append(text)
-        labels = [(f"{s.reference} {s.element}", n) for s, n in zip(sources, names, strict=True)]
-        admitted, refused = self._admit(texts, labels, skip=unprepared, locations=[s.location for s in sources])
-        issues.extend(refused)
+        admitted, texts, issues = self._prepare_admit(sources, names)
         if not admitted:
             return [], issues
-        chosen = [sources[i] for i, _ in admitted]
         try:
-            return self._interpret(chosen, [texts[i] for i, _ in admitted]), issues
+            return self._interpret([sources[i] for i in admitted], [texts[i] for i in admitted]), issues
         except (UsageError, ProviderError):
             raise
         except Exception:  # one source at a time, so the failing one alone is reported
             predictions: list[Prediction] = []
-            for i, _ in admitted:
+            for i in admitted:
                 try:
                     predictions.extend(self._interpret([sources[i]], [texts[i]]))
                 except (UsageError, ProviderError):
