@@ -632,43 +632,40 @@ class _Linker:
         # unless an entry of this Bundle has that fullUrl.
         return target in self.full_urls or bool(_RELATIVE.match(target) or _ABSOLUTE.match(target))
 
+    def _drop(self, out: dict[str, Any], target: str, path: str, why: str) -> None:
+        """Leave an unresolvable reference out: a Reference with a display only is valid everywhere a Reference is,
+        and says what it was; the warning goes to ``warnings``."""
+        del out["reference"]
+        out.setdefault("display", _clean(f"not stored here: {target}"))
+        if self.warnings is not None:
+            self.warnings.append(Issue("warning", "not-found", why, (path,)))
+
     def link(self, value: Any, path: str) -> Any:
         if isinstance(value, dict):
             out = {k: self.link(v, f"{path}.{k}") for k, v in value.items()}
             target = out.get("reference")
             if isinstance(target, str) and target in self.generated:
-                del out["reference"]
-                out.setdefault("display", _clean(f"not stored here: {target}"))
-                if self.warnings is not None:
-                    self.warnings.append(
-                        Issue(
-                            "warning",
-                            "not-found",
-                            f"reference {target!r} comes from the input but is the fullUrl of the generated "
-                            f"{self.generated[target]}; it was left out rather than pointed at that (the Reference "
-                            "keeps a display). Name input resources by their own ids",
-                            (path,),
-                        )
-                    )
+                self._drop(
+                    out,
+                    target,
+                    path,
+                    f"reference {target!r} comes from the input but is the fullUrl of the generated "
+                    f"{self.generated[target]}; it was left out rather than pointed at that (the Reference "
+                    "keeps a display). Name input resources by their own ids",
+                )
             elif isinstance(target, str):
                 target = self.urls.get(target, target)
                 if self.resolves(target):
                     out["reference"] = target
                 else:
-                    del out["reference"]
-                    # A Reference with a display only is valid everywhere a Reference is, and says what it was.
-                    out.setdefault("display", _clean(f"not stored here: {target}"))
-                    if self.warnings is not None:
-                        self.warnings.append(
-                            Issue(
-                                "warning",
-                                "not-found",
-                                f"reference {target!r} names no entry of this output and no resource a server "
-                                "has; it was left out (the Reference keeps a display). Expected Type/id or an "
-                                "entry's fullUrl; to keep it, pass the input transaction's resources as inputs",
-                                (path,),
-                            )
-                        )
+                    self._drop(
+                        out,
+                        target,
+                        path,
+                        f"reference {target!r} names no entry of this output and no resource a server "
+                        "has; it was left out (the Reference keeps a display). Expected Type/id or an "
+                        "entry's fullUrl; to keep it, pass the input transaction's resources as inputs",
+                    )
             return out
         if isinstance(value, list):
             return [self.link(v, f"{path}[{i}]") for i, v in enumerate(value)]
