@@ -509,12 +509,17 @@ def read_fhir_files(
     resource_types: Sequence[str],
     max_chars: int = 1_000_000,
     max_total_chars: int | None = None,
+    max_bytes: int = 50 * 1024 * 1024,
 ) -> ReadResult:
     """Read several FHIR files (JSON or NDJSON) as one input; each file's issues are named by its path.
 
-    A file that cannot be opened is an ``error``/``not-found`` issue. Reading stdin (``-``) is left to the
-    caller. ``max_total_chars`` holds for all files together, in the order given (see :func:`read_fhir`).
+    A file that cannot be opened, or is not a regular file (a FIFO is never waited on), is an
+    ``error``/``not-found`` issue; one larger than ``max_bytes`` (``Budget.max_request_bytes``'s default) is
+    ``too-costly`` and not read. Reading stdin (``-``) is left to the caller. ``max_total_chars`` holds for all
+    files together, in the order given (see :func:`read_fhir`).
     """
+    from fhirplug._inputs import read_input_file  # here, not at the top: fhirplug._inputs imports fhirplug.fhir
+
     sources: list[TextSource] = []
     issues: list[Issue] = []
     unsent: dict[str, dict[str, Any]] = {}
@@ -523,10 +528,10 @@ def read_fhir_files(
     accepted = _check_types(resource_types)
     allowance = _allowance(max_total_chars)  # one for all files: the first text over it stops the rest
     for path in paths:
-        try:
-            raw = Path(path).read_bytes()
-        except OSError as exc:
-            issues.append(Issue("error", "not-found", f"cannot read the file ({exc.strerror})", (), str(path)))
+        raw, problem = read_input_file(path, max_bytes)
+        if raw is None:
+            if problem is not None:
+                issues.append(problem)
             continue
         result = _read(raw, accepted, max_chars, str(path), allowance)
         sources.extend(result.sources)

@@ -226,3 +226,32 @@ def test_real_corpora_never_raise_and_synthea_yields_notes() -> None:
         attachments = [s for s in result.sources if s.element.endswith(("attachment", "]"))]
         assert {s.resource_type for s in attachments} == {"DocumentReference", "DiagnosticReport"}
         assert all(len(s.text) > 100 for s in attachments)
+
+
+def test_read_fhir_files_never_waits_on_a_fifo(tmp_path: Path) -> None:
+    """A FIFO among the files is an issue at once (Path.read_bytes would wait forever for a writer)."""
+    import os
+    import threading
+
+    fifo = tmp_path / "notes.ndjson"
+    os.mkfifo(fifo)
+    good = tmp_path / "note.json"
+    good.write_text(
+        json.dumps(
+            {
+                "resourceType": "Condition",
+                "id": "c1",
+                "subject": {"reference": "Patient/p1"},
+                "note": [{"text": "type 2 diabetes"}],
+            }
+        )
+    )
+    got: list[Any] = []
+    worker = threading.Thread(target=lambda: got.append(read_fhir_files([fifo, good], resource_types=ALL)), daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert got, "read_fhir_files blocked on a FIFO"
+    (result,) = got
+    assert [s.reference for s in result.sources] == ["Condition/c1"]
+    (issue,) = [i for i in result.issues if i.is_error]
+    assert (issue.code, issue.source) == ("not-found", str(fifo)) and "not a regular file" in issue.diagnostics
