@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from fhirplug.errors import ConvertError
 from fhirplug.manifest import TokenizerSpec, VariantSpec
 from fhirplug.plugin import load_plugin
 from fhirplug.session import ModelSession, Window
@@ -66,7 +67,7 @@ def open_session(
         precision=precision,
         providers=tuple(_providers(precision)),
         input_names=_INPUTS,
-        output_names=("logits",),
+        output_names=model_outputs(data),
         opset=opset,
         sha256=hashlib.sha256(data).hexdigest(),
     )
@@ -83,19 +84,35 @@ def open_session(
     )
 
 
+def model_outputs(model: bytes) -> tuple[str, ...]:
+    """The outputs the runtime reads from an exported model: ``logits``, and ``embedding`` when it has one."""
+    import onnx
+
+    names = {o.name for o in onnx.load_model_from_string(model).graph.output}
+    return ("logits", "embedding") if "embedding" in names else ("logits",)
+
+
 class _TorchRunner:
     """The part of ``onnxruntime.InferenceSession`` that ``ModelSession.run`` uses, backed by a torch module."""
 
-    def __init__(self, module: Any) -> None:
+    def __init__(self, module: Any, width: int | None = None) -> None:
         self.module = module
+        #: The logits' width when the session also reads the embedding (see :func:`logit_width`).
+        self.width = width
 
     def run(self, output_names: Sequence[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         import torch
 
+        from fhirplug_convert.abstention import WithEmbedding
+
         self.module.eval()
+        args = [torch.from_numpy(feed[name]) for name in _INPUTS]
         with torch.inference_mode():
-            logits = self.module(*(torch.from_numpy(feed[name]) for name in _INPUTS))
-        return [logits.float().numpy()]
+            logits = self.module(*args)
+            if "embedding" not in output_names:
+                return [logits.float().numpy()]
+            _, embedding = WithEmbedding(self.module, int(logits.shape[-1]))(*args)
+        return [logits.float().numpy(), embedding.float().numpy()]
 
 
 def torch_session(module: Any, like: ModelSession) -> ModelSession:
@@ -104,7 +121,7 @@ def torch_session(module: Any, like: ModelSession) -> ModelSession:
     The copy shares ``like``'s tokenizers (never reconfigured after load, so sharing is safe).
     """
     session = copy.copy(like)
-    session.session = _TorchRunner(module)
+    session.session = _TorchRunner(module, logit_width(like))
     session.input_names = list(_INPUTS)
     session.provider = "torch"
     return session
@@ -116,12 +133,29 @@ def window_outputs(session: ModelSession, texts: Sequence[str]) -> tuple[list[Wi
     return windows, session.run(windows)
 
 
+def logit_width(session: ModelSession) -> int | None:
+    """How many of a window's values are logits (the rest, if any, is the ``embedding`` output)."""
+    if len(session.output_names) == 1:
+        return None
+    runner = session.session
+    if isinstance(runner, _TorchRunner):
+        return runner.width
+    width = runner.get_outputs()[0].shape[-1]
+    if not isinstance(width, int):
+        raise ConvertError(f"the logits output has no fixed width ({width!r}): cannot split off the embedding")
+    return width
+
+
 def note_logits(session: ModelSession, texts: Sequence[str]) -> list[np.ndarray]:
-    """Per text its ``[windows, labels]`` float32 logits, windows in text order (text-classification)."""
+    """Per text its ``[windows, labels]`` float32 logits, windows in text order (text-classification).
+
+    A model with an ``embedding`` output gives ``logits ‖ embedding`` per window; only the logits are kept here.
+    """
     windows, outputs = window_outputs(session, texts)
+    width = logit_width(session)
     per_text: list[list[np.ndarray]] = [[] for _ in texts]
     for window, logits in zip(windows, outputs, strict=True):
-        per_text[window.text_index].append(logits)
+        per_text[window.text_index].append(logits if width is None else logits[:width])
     return [np.stack(rows) for rows in per_text]
 
 

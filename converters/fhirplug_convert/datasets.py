@@ -11,7 +11,7 @@ import json
 import random
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ __all__ = [
     "read_conll",
     "read_csv",
     "read_jsonl",
+    "read_ncbi_disease",
     "read_pubtator",
     "split_examples",
 ]
@@ -76,9 +77,13 @@ class Splits:
     test: list[Example]
     #: How the data was read and split, for the manifest and the model card.
     description: str
+    #: text-classification: the part of the validation data kept apart for calibration (see
+    #: ``pipeline.set_calibration_split``); empty until then.
+    calibration: list[Example] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
-        return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
+        counts = {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
+        return {**counts, "calibration": len(self.calibration)} if self.calibration else counts
 
 
 def _open(path: Path) -> str:
@@ -240,6 +245,60 @@ def read_pubtator(path: Path, *, known: Sequence[str]) -> list[Example]:
     return examples
 
 
+#: The NCBI Disease corpus' mention classes; all four are one disease mention type.
+NCBI_DISEASE_CLASSES = ("SpecificDisease", "DiseaseClass", "Modifier", "CompositeMention")
+
+
+def read_ncbi_disease(path: Path, *, entity_type: str = "Disease") -> list[Example]:
+    """Documents of an NCBI Disease corpus file (Doğan et al. 2014: ``PMID|t|title``, ``PMID|a|abstract``, then
+    ``PMID start end text class IDs`` lines), every mention as entity type ``entity_type``.
+
+    IDs are normalised: whitespace and a ``MESH:`` prefix stripped, ``|`` (composite or alternative) and ``+``
+    (a combination) both split into the mention's codes; ``OMIM:<number>`` IDs are kept as they are. A PMID that
+    occurs twice (8528200 in the training file) is read once, the first time. The corpus pads a few mention
+    strings with spaces the text does not have: offsets are checked against the stripped string.
+
+    Raises:
+        ConvertError: a mention whose offsets do not select its text, a malformed line, no documents.
+    """
+    examples: list[Example] = []
+    seen: set[str] = set()
+    for block in _open(path).split("\n\n"):
+        lines = [line for line in block.splitlines() if line.strip()]
+        if not lines:
+            continue
+        pmid, _, title = lines[0].partition("|t|")
+        if not title and "|t|" not in lines[0]:
+            raise ConvertError(f"{path.name}: a document block without a |t| title line ({lines[0][:60]!r})")
+        rest = lines[1:]
+        abstract = rest.pop(0).partition("|a|")[2] if rest and "|a|" in rest[0][:40] else None
+        text = f"{title} {abstract}" if abstract is not None else title
+        mentions: list[Mention] = []
+        for line in rest:
+            cells = line.split("\t")
+            if len(cells) < 6 or cells[4] not in NCBI_DISEASE_CLASSES:
+                raise ConvertError(f"{path.name} document {pmid}: cannot read line {line[:80]!r}")
+            try:
+                start, end = int(cells[1]), int(cells[2])
+            except ValueError:
+                raise ConvertError(f"{path.name} document {pmid}: offsets {cells[1:3]} are not integers") from None
+            if text[start:end].strip() != cells[3].strip():
+                raise ConvertError(
+                    f"{path.name} document {pmid}: offsets {start}-{end} select {text[start:end]!r}, the line says "
+                    f"{cells[3]!r}"
+                )
+            codes = [c.strip().removeprefix("MESH:") for part in cells[5].split("|") for c in part.split("+")]
+            unique = tuple(dict.fromkeys(c for c in codes if c and c != "-1"))
+            mentions.append(Mention(start, end, entity_type, text[start:end], unique))
+        if pmid in seen:
+            continue
+        seen.add(pmid)
+        examples.append(Example(text, (), group=pmid, where=f"{path.name} document {pmid}", mentions=tuple(mentions)))
+    if not examples:
+        raise ConvertError(f"{path}: no NCBI Disease documents")
+    return examples
+
+
 def read_conll(path: Path, *, known: Sequence[str]) -> list[Example]:
     """Sentences from CoNLL-style BIO data: ``token<TAB or space>…<TAB or space>tag`` a line (the tag last), a blank
     line between sentences, ``-DOCSTART-`` lines ignored. The text is the tokens joined by single spaces.
@@ -321,16 +380,16 @@ def _read(recipe: Recipe, path: Path) -> list[Example]:
 def merge_duplicates(examples: Sequence[Example], *, multi_label: bool) -> tuple[list[Example], int]:
     """One example per distinct text, so a repeated note can never sit in train and test at once.
 
-    Multi-label: the copies' labels are merged (a corpus that repeats a document once per label, like the
-    Medical Abstracts corpus, is really multi-label). Multi-class: identical copies are dropped, and copies
-    that disagree are an error, since no single label is right for them.
+    The copies' labels are merged into one example. Multi-label: that is the document's label set (a corpus
+    that repeats a document once per label is multi-label for it). Multi-class (the Medical Abstracts corpus files
+    118 abstracts under two categories): the example carries every label it was filed under; it trains with soft
+    targets (an equal share each) and the top class counts as right when it is any of them
+    (:func:`fhirplug_convert.evaluate.classification_metrics`).
 
     Returns:
         The examples (first occurrence order) and how many rows were merged away.
-
-    Raises:
-        ConvertError: multi-class copies of one text with different labels, naming both places.
     """
+    del multi_label  # the same merge for both; kept so callers say which they read
     first: dict[str, int] = {}
     merged: list[Example] = []
     for example in examples:
@@ -340,14 +399,8 @@ def merge_duplicates(examples: Sequence[Example], *, multi_label: bool) -> tuple
             merged.append(example)
             continue
         kept = merged[index]
-        if multi_label:
-            labels = tuple(dict.fromkeys(kept.labels + example.labels))
-            merged[index] = Example(kept.text, labels, kept.group, kept.where)
-        elif example.labels != kept.labels:
-            raise ConvertError(
-                f"{example.where}: the same text as {kept.where} with a different label "
-                f"({example.labels[0]!r} vs {kept.labels[0]!r}); make the recipe multi_label or dedupe the data"
-            )
+        labels = tuple(dict.fromkeys(kept.labels + example.labels))
+        merged[index] = Example(kept.text, labels, kept.group, kept.where)
     return merged, len(examples) - len(merged)
 
 

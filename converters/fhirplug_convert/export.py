@@ -3,6 +3,13 @@
 Measured on this project's machines: onnxruntime's BERT fusion (``onnxruntime.transformers.optimizer``) only
 fires on a graph from the legacy TorchScript exporter (``dynamo=False``) of a model loaded with eager attention;
 the dynamo exporter and the sdpa attention path give graphs it leaves unfused. So that is the path used here.
+
+optimum was measured against it (``python benchmarks/optimum_compare.py``, ``benchmarks/results/optimum_compare.json``,
+MiniLM-L6): ``main_export`` + ``ORTOptimizer`` (level 2, which calls the same onnxruntime optimizer) fuse Attention,
+SkipLayerNormalization and BiasGelu but not EmbedLayerNormalization (58 nodes vs 51 here; no latency gain beyond
+the run's noise, in which its sdpa and eager exports, the same graph, differed 1.5×), and its exporter takes a
+transformers model for a known task, so it cannot export the modules the converter ships (the ``embedding``
+second output, prompt tuning's virtual tokens). The converter keeps its own export.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ __all__ = ["export_onnx", "optimize_onnx", "save_tokenizer"]
 
 def export_onnx(module: nn.Module, path: Path, task: TaskSpec, opset: int, vocab_size: int) -> None:
     """Export ``module`` (``(input_ids, attention_mask, token_type_ids) → logits``) with dynamic batch and
-    sequence axes, int64 inputs, opset ``opset``.
+    sequence axes, int64 inputs, opset ``opset``. A task whose outputs include ``embedding`` (text
+    classification) also exports the pooled vector the head reads (:class:`~fhirplug_convert.abstention.WithEmbedding`),
+    for abstention.
 
     Raises:
         ConvertError: the exporter failed.
@@ -36,6 +45,12 @@ def export_onnx(module: nn.Module, path: Path, task: TaskSpec, opset: int, vocab
     types = torch.zeros_like(ids)
     args = (ids, mask, types)
     dynamic: dict[str, Any] = {name: dict(axes) for name, axes in (*task.inputs.items(), *task.outputs.items())}
+    if "embedding" in task.outputs:
+        from fhirplug_convert.abstention import WithEmbedding
+
+        with torch.inference_mode():
+            n_labels = int(module(*args).shape[-1])
+        module = WithEmbedding(module, n_labels)
     try:
         with warnings.catch_warnings():
             # The tracer warns about Python control flow on shapes inside transformers (it is shape-only and
@@ -78,8 +93,13 @@ def ensure_ort_transformers_path() -> None:
         sys.path.append(folder)
 
 
-def optimize_onnx(source: Path, target: Path, config: Any) -> dict[str, int]:
+def optimize_onnx(source: Path, target: Path, config: Any, *, attention: bool = True) -> dict[str, int]:
     """onnxruntime's BERT graph fusion (Attention, SkipLayerNormalization, EmbedLayerNormalization, Gelu …).
+
+    ``attention=False`` leaves the attention unfused, so its Q/K/V projections are plain MatMuls that static int8
+    quantizes (the fused Attention op keeps them fp32): the source graph of the int8 variant. Measured with
+    ``python benchmarks/int8_speed.py`` (MiniLM, 1×128, 2 threads): 1.40× faster than quantizing the fused graph,
+    same max |Δlogit| (0.011) and decision agreement.
 
     Only the Python-level fusion runs (``opt_level=0``): the result stays portable across execution providers,
     and each provider applies its own graph optimizations at load.
@@ -88,16 +108,21 @@ def optimize_onnx(source: Path, target: Path, config: Any) -> dict[str, int]:
         The fused-operator counts (only those that fired).
     """
     ensure_ort_transformers_path()
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     model_type = getattr(config, "model_type", "bert")
+    kind = "bert" if model_type not in ("bert", "roberta", "distilbert") else model_type
+    options = FusionOptions(kind)
+    options.enable_attention = attention
     try:
         optimized = optimize_model(
             str(source),
-            model_type="bert" if model_type not in ("bert", "roberta", "distilbert") else model_type,
+            model_type=kind,
             num_heads=int(config.num_attention_heads),
             hidden_size=int(config.hidden_size),
             opt_level=0,
+            optimization_options=options,
         )
         optimized.save_model_to_file(str(target))
     except Exception as exc:  # onnxruntime's optimizer raises plain Exceptions

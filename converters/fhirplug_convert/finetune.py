@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,6 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 from torch import nn
-from tqdm.auto import tqdm
 
 from fhirplug.errors import ConvertError
 from fhirplug_convert.datasets import Example
@@ -44,6 +42,7 @@ __all__ = [
     "targets_of",
     "torch_logits",
     "train",
+    "training_targets",
 ]
 
 
@@ -119,23 +118,33 @@ def load_base(base: str, labels: Sequence[str], multi_label: bool) -> tuple[nn.M
     Raises:
         ConvertError: the model or tokenizer cannot be loaded, or the tokenizer has no fast version.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    problem = "multi_label_classification" if multi_label else "single_label_classification"
+    return load_pretrained(base, "AutoModelForSequenceClassification", labels, problem_type=problem)
+
+
+def load_pretrained(base: str, auto_class: str, labels: Sequence[str], **options: Any) -> tuple[nn.Module, Tokenizer]:
+    """``base`` through ``transformers.<auto_class>`` with a fresh head over ``labels``, and its fast tokenizer.
+
+    Raises:
+        ConvertError: the model or tokenizer cannot be loaded, or the tokenizer has no fast version.
+    """
+    import transformers
     from transformers.utils import logging as hf_logging
 
     # A fresh head is the point here: transformers' "newly initialized ... you should TRAIN" notice is noise.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        hf_tokenizer = AutoTokenizer.from_pretrained(base, use_fast=True)
+        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(base, use_fast=True)
         # eager attention: the exported graph then has the MatMul/Softmax pattern onnxruntime's BERT fusion
         # recognises (the sdpa path exports a graph it does not fuse).
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model = getattr(transformers, auto_class).from_pretrained(
             base,
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
-            problem_type="multi_label_classification" if multi_label else "single_label_classification",
             attn_implementation="eager",
+            **options,
         )
     except (OSError, ValueError) as exc:
         raise ConvertError(f"base_model {base!r}: cannot load it ({str(exc).splitlines()[0]})") from exc
@@ -281,15 +290,25 @@ def window_size(config: Any, recipe: Recipe) -> int:
 
 
 def targets_of(examples: Sequence[Example], labels: Sequence[str], multi_label: bool) -> np.ndarray:
-    """``[n]`` class indices, or ``[n, labels]`` 0/1 for multi-label."""
+    """``[n]`` class indices, or ``[n, labels]`` 0/1: multi-label, or multi-class data where some example has
+    several gold labels (merged duplicates: any of them is a right answer)."""
     index = {label: i for i, label in enumerate(labels)}
-    if not multi_label:
+    if not multi_label and all(len(e.labels) == 1 for e in examples):
         return np.array([index[e.labels[0]] for e in examples], dtype=np.int64)
     out = np.zeros((len(examples), len(labels)), dtype=np.int64)
     for row, example in enumerate(examples):
         for label in example.labels:
             out[row, index[label]] = 1
     return out
+
+
+def training_targets(targets: np.ndarray, multi_label: bool) -> np.ndarray:
+    """What the loss reads: class indices as they are; 0/1 rows as floats, and for multi-class (several gold
+    labels) as soft targets, uniform over the example's labels (cross-entropy with probabilities)."""
+    if targets.ndim == 1:
+        return targets
+    rows = targets.astype(np.float32)
+    return rows if multi_label else rows / np.maximum(rows.sum(axis=1, keepdims=True), 1.0)
 
 
 def _window_tokenizer(tokenizer: Tokenizer, max_tokens: int, stride: int) -> Tokenizer:
@@ -318,28 +337,6 @@ def torch_logits(module: nn.Module, feed: dict[str, np.ndarray]) -> np.ndarray:
     with torch.inference_mode():
         logits = module(*(torch.from_numpy(feed[n]) for n in ("input_ids", "attention_mask", "token_type_ids")))
     return logits.float().numpy()  # type: ignore[no-any-return]
-
-
-def _seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _optimizer(module: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for name, param in module.named_parameters():
-        if not param.requires_grad:
-            continue
-        # The usual BERT recipe: no weight decay on biases, LayerNorm weights or the virtual tokens.
-        quiet = name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name or name == "prompt"
-        (no_decay if quiet else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": recipe.training.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.training.learning_rate)
 
 
 def evaluate_torch(
@@ -374,6 +371,13 @@ def evaluate_torch(
         module.train(was_training)
 
 
+def resolved(recipe: Recipe, train_examples: int) -> Recipe:
+    """The recipe with its learning rate and epochs chosen (training called directly, not through convert())."""
+    if recipe.training.learning_rate is None or recipe.training.epochs is None:
+        recipe, _ = resolve_training(recipe, train_examples)
+    return recipe
+
+
 def train(
     recipe: Recipe,
     base: str,
@@ -386,133 +390,54 @@ def train(
     """Fine-tune ``base`` with the recipe's method; keep the best epoch by the validation task metric.
 
     Every window of a long text trains (with the text's labels); validation scores every window and aggregates
-    them as the runtime does (:func:`fhirplug_convert.evaluate.aggregate_windows`, temperature 1). Seeded
-    (python, numpy, torch) with deterministic torch algorithms while it runs.
+    them as the runtime does (:func:`fhirplug_convert.evaluate.aggregate_windows`, temperature 1); ties between
+    epochs go to the lower validation NLL. The loop is :func:`fhirplug_convert.trainer.fit`.
 
     Args:
         recipe: the validated recipe.
         base: a local folder or Hugging Face id (``recipe.resolve_base_model``).
         train_set: training examples.
         validation: validation examples (early stopping, best checkpoint).
-        progress: tqdm bars; None = only when stderr is a terminal.
+        progress: a progress bar; None = only when stderr is a terminal.
         log: receives one line per epoch.
 
     Returns:
         The trained model in eval mode and the tokenizer (padding and truncation off) that feeds it.
     """
-    if recipe.training.learning_rate is None or recipe.training.epochs is None:
-        recipe, _ = resolve_training(recipe, len(train_set))  # called directly, not through convert()
-    labels = recipe.label_names
-    multi_label = recipe.output.multi_label
-    spec = recipe.training
-    assert spec.epochs is not None
-    _seed(spec.seed)
+    from transformers import set_seed
+
+    # Imported here: the Trainer brings accelerate along, which the rest of this module's users never need.
+    from fhirplug_convert.trainer import TrainingTask, fit, window_loss
+
+    recipe = resolved(recipe, len(train_set))
+    labels, multi_label, spec = recipe.label_names, recipe.output.multi_label, recipe.training
+    set_seed(spec.seed)  # the fresh head's initialisation
     model, tokenizer = load_base(base, labels, multi_label)
     max_tokens = window_size(model.config, recipe)
-    module = _prepare(model, recipe)
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in module.parameters())
-
-    # Every window of every training text (the recipe's stride), each labelled with its text's labels: the
-    # runtime scores every window of a note, so training must see them all, not only the first.
-    valid_tok = _window_tokenizer(tokenizer, max_tokens, spec.stride)
-    ids: list[list[int]] = []
-    types: list[list[int]] = []
-    owner: list[int] = []
-    for index, enc in enumerate(valid_tok.encode_batch([e.text for e in train_set])):
-        for part in [enc, *enc.overflowing]:
-            ids.append(list(part.ids))
-            types.append(list(part.type_ids))
-            owner.append(index)
-    targets = torch.from_numpy(targets_of(train_set, labels, multi_label)[np.asarray(owner, dtype=np.int64)])
-    log(f"training on {len(ids)} windows of {len(train_set)} texts")
+    windowed = _window_tokenizer(tokenizer, max_tokens, spec.stride)
+    # Every window of every training text (the recipe's stride), each with its text's targets: the runtime scores
+    # every window of a note, so training must see them all, not only the first.
+    targets = training_targets(targets_of(train_set, labels, multi_label), multi_label)
+    windows = [
+        {"input_ids": part.ids, "token_type_ids": part.type_ids, "labels": targets[index]}
+        for index, enc in enumerate(windowed.encode_batch([e.text for e in train_set]))
+        for part in [enc, *enc.overflowing]
+    ]
+    log(f"training on {len(windows)} windows of {len(train_set)} texts")
+    valid_texts = [e.text for e in validation]
     valid_targets = targets_of(validation, labels, multi_label)
-    pad = tokenizer.token_to_id("[PAD]") or 0
 
-    steps_per_epoch = math.ceil(len(ids) / spec.batch_size)
-    total_steps = spec.epochs * steps_per_epoch
-    if spec.max_steps is not None:
-        total_steps = min(total_steps, spec.max_steps)
-    optimizer = _optimizer(module, recipe)
-    from transformers import get_linear_schedule_with_warmup
+    def validate(module: nn.Module) -> dict[str, float]:
+        notes = evaluate_torch(module, windowed, valid_texts, spec.eval_batch_size)
+        probs = np.stack([aggregate_windows(w, 1.0, multi_label) for w in notes])
+        metrics = classification_metrics(probs, valid_targets, labels, multi_label=multi_label)
+        name, value = task_metric(metrics, multi_label)
+        return {name: value, "nll": negative_log_likelihood(probs, valid_targets, multi_label)}
 
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(spec.warmup_ratio * total_steps), total_steps)
-    loss_fn: nn.Module = nn.BCEWithLogitsLoss() if multi_label else nn.CrossEntropyLoss()
+    pad = windowed.token_to_id("[PAD]") or 0
+    task = TrainingTask(model, "SEQ_CLS", windows, window_loss(multi_label), validate, pad)
     show = progress if progress is not None else sys.stderr.isatty()
-    rng = np.random.default_rng(spec.seed)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    best_key: tuple[float, float] | None = None
-    best_state: dict[str, torch.Tensor] = {}
-    best_epoch, stale, step = 0, 0, 0
-    history: list[dict[str, float]] = []
-    try:
-        bar = tqdm(total=total_steps, disable=not show, desc="train", unit="step", leave=False)
-        for epoch in range(1, spec.epochs + 1):
-            module.train()
-            order = rng.permutation(len(ids))
-            running = 0.0
-            seen = 0
-            for start in range(0, len(order), spec.batch_size):
-                if step >= total_steps:
-                    break
-                rows = order[start : start + spec.batch_size]
-                feed = pad_batch([ids[i] for i in rows], [types[i] for i in rows], pad)
-                logits = module(*(torch.from_numpy(feed[n]) for n in ("input_ids", "attention_mask", "token_type_ids")))
-                target = targets[rows].float() if multi_label else targets[rows]
-                loss = loss_fn(logits, target)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                running += float(loss.detach()) * len(rows)
-                seen += len(rows)
-                bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.3f}")
-            notes = evaluate_torch(module, valid_tok, [e.text for e in validation], spec.eval_batch_size)
-            probs = np.stack([aggregate_windows(w, 1.0, multi_label) for w in notes])
-            metrics = classification_metrics(probs, valid_targets, labels, multi_label=multi_label)
-            name, value = task_metric(metrics, multi_label)
-            nll = negative_log_likelihood(probs, valid_targets, multi_label)
-            history.append(
-                {"epoch": epoch, "step": step, "train_loss": running / max(seen, 1), name: value, "nll": nll}
-            )
-            log(f"epoch {epoch}: step {step}, train loss {running / max(seen, 1):.4f}, validation {name} {value:.4f}")
-            key = (value, -nll)
-            if best_key is None or key > best_key:
-                best_key, best_epoch, stale = key, epoch, 0
-                best_state = {k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}
-            else:
-                stale += 1
-                if stale >= spec.early_stopping_patience:
-                    log(f"early stop: no better validation {name} for {stale} epoch(s)")
-                    break
-            if step >= total_steps:
-                break
-        bar.close()
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-    with torch.no_grad():
-        params = dict(module.named_parameters())
-        for key_name, saved in best_state.items():
-            params[key_name].copy_(saved)
-    module.eval()
-    final = _finish(module, recipe).eval()
-    return (
-        TrainedModel(
-            module=final,
-            config=copy.deepcopy(model.config),
-            max_tokens=max_tokens,
-            trainable_parameters=trainable,
-            total_parameters=total,
-            steps=step,
-            best_epoch=best_epoch,
-            history=history,
-        ),
-        tokenizer,
-    )
+    return fit(recipe, task, max_tokens=max_tokens, progress=show, log=log), tokenizer
 
 
 # --- learning-rate search ------------------------------------------------------------------------------------------
@@ -540,6 +465,10 @@ def search_learning_rate(
 
     The score is the metric the model card reports, at each trial's best epoch (ties: the lower validation NLL,
     then the earlier candidate). Only the winning model is kept in memory.
+
+    A grid on purpose, not ``Trainer.hyperparameter_search`` with optuna: ``trials`` is at most 8, where optuna's
+    TPE is still in its random start-up phase (10 trials), so it would be a seeded random search with worse
+    coverage than these log-spaced candidates; and it keeps no trained model, so the winner would train twice.
 
     Args:
         recipe: a recipe with ``training.search`` and its training values resolved (``resolve_training``).

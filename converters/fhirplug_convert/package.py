@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from fhirplug.bundle import sha256_file, verify_bundle, write_manifest
 from fhirplug.errors import ConvertError, ManifestError
 from fhirplug.manifest import MANIFEST_FILE, Manifest
+from fhirplug_convert._core import model_outputs
 from fhirplug_convert.recipe import DEFAULT_BASE_MODEL, Recipe
 
 if TYPE_CHECKING:
@@ -279,6 +280,57 @@ def _timing_lines(timings: Mapping[str, float]) -> list[str]:
     ]
 
 
+def _abstention_lines(abstention: Mapping[str, Any] | None) -> list[str]:
+    if not abstention:
+        return []
+    choice = abstention["threshold_choice"]
+    fit = abstention["fit"]
+    lines = [
+        "## Abstention (out-of-domain texts get no code)",
+        "",
+        f"Mahalanobis distance of a text's pooled embedding (mean over its windows) to the nearest of "
+        f"{fit['classes']} class means of the {fit['texts']} training texts ({fit['covariance']}). Threshold "
+        f"{choice['threshold']:.3f}: set on {choice['in_domain_calibration_texts']} in-domain calibration texts "
+        f"(at most {100 * choice['max_in_domain_rate']:.0f}% may abstain; "
+        f"{100 * choice['in_domain_calibration_abstained']:.1f}% do) and "
+        f"{choice['out_of_domain_calibration_texts']} out-of-domain calibration texts "
+        f"({_fmt(choice['out_of_domain_calibration_abstained'])} abstain). Rates on held-out texts:",
+        "",
+        "| variant | set | texts | abstained |",
+        "|---|---|---|---|",
+    ]
+    for precision, sets in abstention["rates"].items():
+        for name, rate in sets.items():
+            lines.append(f"| {precision} | {name} | {rate['texts']} | {_fmt(rate['abstained'])} |")
+    answered = abstention.get("answered")
+    if answered:
+        lines += [
+            "",
+            "Test metric on all test texts vs on the texts the plugin answers (abstained ones count as no code "
+            f"in the first): {json.dumps(answered)}",
+        ]
+    return [*lines, ""]
+
+
+def _decision_lines(decisions: Mapping[str, Any] | None, withheld: Mapping[str, str]) -> list[str]:
+    if not decisions and not withheld:
+        return []
+    lines = ["## Decision policy", ""]
+    for key, value in (decisions or {}).items():
+        if key != "labels":
+            lines.append(f"- {key.replace('_', ' ')}: {json.dumps(value)}")
+    per_label = (decisions or {}).get("labels", {})
+    if per_label:
+        lines += ["", "| label | decision | why |", "|---|---|---|"]
+        for label, record in per_label.items():
+            how = record.get("threshold")
+            lines.append(f"| {label} | {_fmt(how) if how is not None else '—'} | {record.get('reason', '')} |")
+    if withheld:
+        lines += ["", "Withheld (the model has them, the plugin never predicts them):", ""]
+        lines += [f"- {label}: {why}" for label, why in withheld.items()]
+    return [*lines, ""]
+
+
 def render_model_card(recipe: Recipe, content: BundleContent, fused: Mapping[str, int]) -> str:
     """README.md of the bundle: what it is for, how it was made and how well it does."""
     training = content.training
@@ -308,6 +360,7 @@ def render_model_card(recipe: Recipe, content: BundleContent, fused: Mapping[str
         "## Data and license",
         "",
         f"- Data: {training.get('dataset')}",
+        *[f"- Official splits and how this plugin split them: {n}" for n in [recipe.data.splits_note] if n],
         f"- Split sizes: {content.metrics.get('splits')}",
         f"- License of this model: {recipe.license}",
         f"- Base model: {training.get('base_model')}",
@@ -340,11 +393,16 @@ def render_model_card(recipe: Recipe, content: BundleContent, fused: Mapping[str
         "",
         "## Calibration",
         "",
-        f"Temperature {calibration['temperature']:.4f}, fit on the validation split (NLL). "
-        f"ECE on validation: {_fmt(ece.get('ece_before'))} before, {_fmt(ece.get('ece_after'))} after.",
+        f"Temperature {calibration['temperature']:.4f}, fit ({ece.get('fit_on', 'on the validation split')}, NLL). "
+        f"ECE on the {ece.get('measured_on', 'validation')} split: {_fmt(ece.get('ece_before'))} before, "
+        f"{_fmt(ece.get('ece_after'))} after.",
     ]
     if calibration.get("thresholds"):
-        lines.append(f"Per-code thresholds (max F1 on validation): {calibration['thresholds']}.")
+        lines.append(f"Per-code thresholds: {calibration['thresholds']} (how each was chosen: Decision policy).")
+    if calibration.get("min_probability"):
+        lines.append(f"Multi-class floor: no code when the top probability is under {calibration['min_probability']}.")
+    lines += ["", *_decision_lines(content.metrics.get("decisions"), calibration.get("withheld", {}))]
+    lines += _abstention_lines(content.metrics.get("abstention"))
     terminology = content.metrics.get("terminology")
     if terminology:
         lines += ["", "## Terminology", "", f"Built from the training data: {json.dumps(terminology)}"]
@@ -421,7 +479,7 @@ def write_bundle(
                 "precision": precision,
                 "providers": list(PROVIDERS[precision]),
                 "input_names": ["input_ids", "attention_mask", "token_type_ids"],
-                "output_names": ["logits"],
+                "output_names": list(model_outputs((out_dir / name).read_bytes())),
                 "opset": recipe.opset,
             }
         )

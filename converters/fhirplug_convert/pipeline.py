@@ -16,6 +16,7 @@ import json
 import shlex
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +26,19 @@ import numpy as np
 
 from fhirplug.errors import ConvertError
 from fhirplug.manifest import Manifest
-from fhirplug_convert import _core, export, finetune, quantize, validate
+from fhirplug.tasks.token_classification import tag_names
+from fhirplug_convert import _core, abstention, export, finetune, quantize, validate
+from fhirplug_convert import token_classification as ner
 from fhirplug_convert.datasets import Splits, load_splits
-from fhirplug_convert.evaluate import expected_calibration_error, fit_temperature, tune_thresholds
+from fhirplug_convert.evaluate import (
+    classification_metrics,
+    decision_policy,
+    expected_calibration_error,
+    fit_temperature,
+    reliable_labels,
+    split_for_calibration,
+    task_metric,
+)
 from fhirplug_convert.package import (
     BundleContent,
     portable_path,
@@ -38,6 +49,7 @@ from fhirplug_convert.package import (
 )
 from fhirplug_convert.recipe import Recipe, load_recipe, resolve_base_model, resolve_training
 from fhirplug_convert.tasks import get_task
+from fhirplug_convert.terminology import build_terminology
 
 __all__ = ["ConvertResult", "Int8Quantizer", "Variants", "convert", "export_variants"]
 
@@ -132,7 +144,7 @@ def convert(
 
     recipe = load_recipe(recipe_path, **overrides)
     out = Path(out_dir).resolve()
-    splits = load_splits(recipe)
+    splits = set_calibration_split(recipe, load_splits(recipe))
     base = resolve_base_model(recipe)
     recipe, resolved = resolve_training(recipe, len(splits.train))
     say(f"data: {splits.description}; {splits.counts()}")
@@ -151,12 +163,7 @@ def convert(
         trained, tokenizer = finetune.load_checkpoint(from_checkpoint, recipe)
         say(f"loaded the model this recipe fine-tuned earlier from {from_checkpoint} (no training)")
     else:
-        if recipe.task == "token-classification":
-            from fhirplug_convert import token_classification as ner
-
-            trainer = ner.train
-        else:
-            trainer = finetune.train
+        trainer = _TASKS[recipe.task].train
 
         def run(trial: Recipe) -> tuple[finetune.TrainedModel, Any]:
             return trainer(trial, base, splits.train, splits.validation, progress=progress, log=say)
@@ -185,28 +192,42 @@ def convert(
 
     record = {"resolved": resolved, "search": search, "timings": timings}
     with tempfile.TemporaryDirectory(prefix="fhirplug-convert-") as tmp:
-        work = Path(tmp)
-        if recipe.task == "token-classification":
-            from fhirplug_convert import token_classification as ner
-
-            manifest, metrics, parity, fused = ner.build(
-                recipe,
-                trained,
-                tokenizer,
-                splits,
-                work,
-                out,
-                sign_key,
-                _command(recipe, out, overrides),
-                say,
-                lap,
-                record=record,
-            )
-            lap("manifest")
-            return ConvertResult(out, manifest, metrics, parity, fused, timings)
-        result = _build(recipe, trained, tokenizer, splits, work, out, sign_key, overrides, say, lap, record)
+        result = _build(recipe, trained, tokenizer, splits, Path(tmp), out, sign_key, overrides, say, lap, record)
     lap("manifest")
     return ConvertResult(result.bundle, result.manifest, result.metrics, result.parity, result.fused_operators, timings)
+
+
+def set_calibration_split(recipe: Recipe, splits: Splits) -> Splits:
+    """text-classification: part of the validation split (``[data.split] calibration``, stratified, seeded) is
+    kept apart for calibration — temperature, thresholds, the multi-class floor and the abstention threshold are
+    fitted on texts that neither chose the epoch nor ran the parity gate. Token classification keeps it whole."""
+    if recipe.task != "text-classification":
+        return splits
+    valid = splits.validation
+    if len(valid) < 4:
+        raise ConvertError(
+            f"the validation split has {len(valid)} texts: at least 4 are needed to keep some apart for calibration"
+        )
+    seed, fraction = recipe.data.split.seed, recipe.data.split.calibration
+    groups = list(dict.fromkeys(e.group for e in valid))
+    if recipe.data.format == "fhir" and len(groups) >= 2:
+        # Notes of one patient stay together, as in the train/validation/test split.
+        _, chosen = split_for_calibration(len(groups), seed, fraction)
+        apart = {groups[i] for i in chosen}
+        calibration = np.array([i for i, e in enumerate(valid) if e.group in apart], dtype=np.int64)
+        selection = np.array([i for i, e in enumerate(valid) if e.group not in apart], dtype=np.int64)
+    else:
+        strata = ["|".join(sorted(e.labels)) for e in valid]
+        selection, calibration = split_for_calibration(len(valid), seed, fraction, strata=strata)
+    valid = splits.validation
+    return Splits(
+        splits.train,
+        [valid[i] for i in selection],
+        splits.test,
+        f"{splits.description}; validation halved for calibration ({len(calibration)} of {len(valid)} texts, "
+        f"seed {recipe.data.split.seed})",
+        [valid[i] for i in calibration],
+    )
 
 
 def training_record(
@@ -242,10 +263,7 @@ def _int8_fallback(
     work: Path,
     int8: Int8Quantizer,
     score_path: Callable[[Path], list[np.ndarray]],
-    fp32_notes: list[np.ndarray],
-    targets: np.ndarray,
-    calibrated: validate.Calibrated,
-    tolerance: dict[str, float],
+    judge: Callable[[list[np.ndarray]], dict[str, Any]],
     failed: dict[str, Any],
     say: Callable[[str], None],
 ) -> tuple[Path, list[np.ndarray], dict[str, Any]] | None:
@@ -255,13 +273,14 @@ def _int8_fallback(
     MiniLM); the passing layer with the smallest metric drop (then the highest agreement) is chosen. Then each
     single MatMul of that layer is tried alone: a passing one is preferred (a smaller, faster model). The report
     entry says which nodes stayed fp32 and what full int8 measured. None when nothing passes (the gate fails).
+    ``judge`` is the task's parity verdict on a variant's validation outputs (:meth:`_Task.compare`).
     """
 
     def attempt(name: str, nodes: list[str]) -> tuple[tuple[float, float], Path, list[np.ndarray], dict[str, Any]]:
         path = work / f"model.int8.{name}.onnx"
         int8.quantize(fp32, path, nodes)
         notes = score_path(path)
-        entry = validate.compare_variant(fp32_notes, notes, targets, calibrated, tolerance)
+        entry = judge(notes)
         say(
             f"int8 fallback, {name} kept fp32: {entry['metric']} drop {entry['metric_drop_points']:.2f} points, "
             f"agreement {entry['agreement']:.4f} ({entry['status']})"
@@ -273,7 +292,9 @@ def _int8_fallback(
         passing = [t for t in tries if t[3]["status"] == "passed"]
         return min(passing, key=lambda t: t[0]) if passing else None
 
-    layers = quantize.layer_matmuls(fp32)
+    layers = quantize.layer_matmuls(int8.source or fp32)
+    skip = set(quantize.activation_matmuls(int8.source or fp32))
+    layers = {layer: [n for n in nodes if n not in skip] for layer, nodes in layers.items()}
     chosen = best_of([attempt(f"layer{layer}", nodes) for layer, nodes in layers.items()])
     if chosen is None:
         return None
@@ -295,9 +316,12 @@ class Int8Quantizer:
 
     mode: quantize.Int8Mode
     feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
+    #: The fp32 graph int8 is made from: for static int8 the one optimized without the Attention fusion, so the
+    #: Q/K/V projections are quantized too (export.optimize_onnx); None: the fp32 variant itself.
+    source: Path | None = None
 
     def quantize(self, source: Path, target: Path, keep_fp32: list[str] | tuple[str, ...] = ()) -> None:
-        quantize.quantize_int8(source, target, keep_fp32, mode=self.mode, calibration=self.feeds)
+        quantize.quantize_int8(self.source or source, target, keep_fp32, mode=self.mode, calibration=self.feeds)
 
     def describe(self) -> dict[str, Any]:
         """The parity report's ``quantization`` entry."""
@@ -308,7 +332,8 @@ class Int8Quantizer:
             "format": "QDQ",
             "weights": "int8 per channel",
             "activations": "uint8, calibrated range (MinMax)",
-            "quantized": "encoder MatMuls (feed-forward, attention output); Attention QKV, pooler, classifier fp32",
+            "quantized": "encoder weight MatMuls (Q/K/V projections, attention output, feed-forward) when the "
+            "source graph leaves attention unfused; attention products, pooler and classifier fp32",
             "calibration": {"split": "train", "windows": len(self.feeds)},
         }
 
@@ -373,7 +398,11 @@ def export_variants(
             feeds = _core.calibration_feeds(
                 open_session(fp32, "fp32"), calibration_texts, recipe.export.int8_calibration_windows
             )
-            int8 = Int8Quantizer("static", feeds)
+            source = None
+            if recipe.export.optimize:
+                source = work / "model.int8-source.onnx"
+                export.optimize_onnx(raw, source, trained.config, attention=False)
+            int8 = Int8Quantizer("static", feeds, source)
         files["int8"] = work / "model.int8.onnx"
         int8.quantize(fp32, files["int8"])
         calibrated = f", calibrated on {len(int8.feeds)} training windows" if int8.feeds else ""
@@ -402,6 +431,276 @@ def _int8_ops(path: Path) -> dict[str, int]:
     return {op: n for op, n in counts.items() if op.startswith(watched) or op in ("MatMul", "Attention")}
 
 
+# --- the task's part of the build ------------------------------------------------------------------------------
+
+
+class _Task(ABC):
+    """What differs between tasks in :func:`_build`: how a variant's validation/test outputs are scored, what the
+    parity metric is, what is fitted on validation before the gate (``stage``), and what the bundle adds."""
+
+    stage = ""
+
+    def __init__(self, recipe: Recipe, splits: Splits, work: Path, say: Callable[[str], None]) -> None:
+        self.recipe, self.splits, self.work, self.say = recipe, splits, work, say
+        self.texts = {"validation": [e.text for e in splits.validation], "test": [e.text for e in splits.test]}
+        self.tolerance = recipe.tolerance()
+        #: Model-card facts (calibration or terminology), the bundle's calibration entry and extra files.
+        self.facts: dict[str, Any] = {}
+        self.calibration: dict[str, Any] = {"temperature": 1.0, "thresholds": {}, "default_threshold": 0.5}
+        self.files: dict[str, Path] = {}
+        self.manifest_extra: dict[str, Any] = {}
+        self.details: dict[str, Any] = {}
+
+    @abstractmethod
+    def score(self, session: Any, split: str) -> list[np.ndarray]:
+        """A variant's outputs on ``split`` (validation, test), through the runtime's session."""
+
+    @abstractmethod
+    def windows(self, outputs: list[np.ndarray]) -> dict[str, int]:
+        """The parity report's counts of what was compared."""
+
+    def prepare(self, fp32_session: Any) -> None:  # noqa: B027 - optional hook
+        """Score what ``fit`` needs besides the validation outputs (text classification: the calibration split)."""
+
+    @abstractmethod
+    def fit(self, fp32: list[np.ndarray]) -> None:
+        """What is fitted on the fp32 ONNX validation outputs before the gate."""
+
+    def finish(self, sessions: dict[str, Any], test: dict[str, list[np.ndarray]]) -> None:  # noqa: B027
+        """After the gate, with the sessions and test outputs of every variant that ships: what needs them
+        (text classification: test ECE, codes withheld for low test AUROC, abstention)."""
+
+    @abstractmethod
+    def compare(self, reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, Any]:
+        """The parity verdict of a reduced-precision variant against fp32 (see :func:`validate.compare_variant`)."""
+
+    @abstractmethod
+    def metrics(self, outputs: list[np.ndarray], split: str) -> dict[str, Any]:
+        """The model card's metrics of a variant's outputs on ``split``."""
+
+
+class _TextClassification(_Task):
+    """Per-note logits aggregated as the runtime does. On the calibration part of the validation split: the
+    temperature and the decision policy (guarded multi-label thresholds, or the multi-class floor); after the gate,
+    on the test split: ECE, the codes withheld for low AUROC, and the abstention model's rates."""
+
+    stage = "calibrate"
+    train = staticmethod(finetune.train)
+
+    def __init__(self, recipe: Recipe, splits: Splits, work: Path, say: Callable[[str], None]) -> None:
+        super().__init__(recipe, splits, work, say)
+        labels, multi_label = recipe.label_names, recipe.output.multi_label
+        self.texts["calibration"] = [e.text for e in splits.calibration]
+        self.targets = {
+            name: finetune.targets_of(examples, labels, multi_label)
+            for name, examples in (
+                ("validation", splits.validation),
+                ("calibration", splits.calibration),
+                ("test", splits.test),
+            )
+        }
+        self.calibrated = validate.Calibrated(labels, multi_label)
+        self.calibration_out: list[np.ndarray] = []
+        self.abstains: dict[str, np.ndarray] = {}
+
+    def score(self, session: Any, split: str) -> list[np.ndarray]:
+        return _core.note_logits(session, self.texts[split])
+
+    def windows(self, outputs: list[np.ndarray]) -> dict[str, int]:
+        return {"windows": int(sum(len(n) for n in outputs))}
+
+    def prepare(self, fp32_session: Any) -> None:
+        self.calibration_out = self.score(fp32_session, "calibration")
+
+    def fit(self, fp32: list[np.ndarray]) -> None:
+        # Fit on what ships (fp32 ONNX), aggregated as the runtime aggregates, on texts model selection never saw.
+        labels, multi_label = self.calibrated.labels, self.calibrated.multi_label
+        outputs, targets = self.calibration_out, self.targets["calibration"]
+        temperature = fit_temperature(outputs, targets, multi_label=multi_label)
+        probs = validate.Calibrated(labels, multi_label, temperature).probabilities(outputs)
+        policy = decision_policy(probs, targets, labels, multi_label=multi_label)
+        thresholds: dict[str, float] = dict(policy.get("thresholds", {}))
+        limits = np.array([thresholds[k] for k in labels]) if multi_label else None
+        self.calibrated = validate.Calibrated(labels, multi_label, temperature, limits)
+        self.calibration = {"temperature": temperature, "thresholds": thresholds, "default_threshold": 0.5}
+        if not multi_label:
+            self.calibration["min_probability"] = policy["floor"]
+        how = "; ".join(f"{k} {r['reason']}" for k, r in policy["labels"].items() if r["reason"] != "tuned")
+        self.say(
+            f"calibration: T = {temperature:.3f} on {len(outputs)} calibration texts" + (f"; {how}" if how else "")
+        )
+        self.facts = {
+            "calibration": {
+                "temperature": temperature,
+                "fit_on": f"the calibration part of the validation split, {len(outputs)} texts",
+            },
+            "decisions": policy,
+        }
+
+    def finish(self, sessions: dict[str, Any], test: dict[str, list[np.ndarray]]) -> None:
+        labels, multi_label = self.calibrated.labels, self.calibrated.multi_label
+        targets = self.targets["test"]
+        reference = test["fp32"] if "fp32" in test else next(iter(test.values()))
+        uncalibrated = validate.Calibrated(labels, multi_label).probabilities(reference)
+        before = expected_calibration_error(uncalibrated, targets, multi_label=multi_label)
+        after = expected_calibration_error(self.calibrated.probabilities(reference), targets, multi_label=multi_label)
+        self.facts["calibration"].update(ece_before=round(before, 6), ece_after=round(after, 6), measured_on="test")
+        self.say(f"test ECE {before:.4f} → {after:.4f} (temperature {self.calibrated.temperature:.3f})")
+        # A code the model cannot rank on held-out notes is not shipped (multi-label). Multi-class classes partition
+        # the texts, so a class is never withheld; its AUROC is reported.
+        per_label = classification_metrics(
+            self.calibrated.probabilities(reference), targets, labels, multi_label=multi_label
+        )
+        _, dropped = reliable_labels(per_label)
+        if multi_label and dropped:
+            self.calibration["withheld"] = dropped
+            limits = np.array([np.inf if k in dropped else self.calibration["thresholds"][k] for k in labels])
+            self.calibrated = validate.Calibrated(labels, multi_label, self.calibrated.temperature, limits)
+            self.say(f"withheld: {json.dumps(dropped)}")
+        self.facts["decisions"]["reliability"] = {"rule": "test AUROC ≥ 0.7 on ≥ 5 positive test notes", **dropped}
+        spec = self.recipe.abstention
+        if spec.enabled:
+            train = self.splits.train
+            truth = np.zeros((len(train), len(labels)), dtype=np.int64)
+            index = {k: i for i, k in enumerate(labels)}
+            for row, example in enumerate(train):
+                truth[row, [index[k] for k in example.labels]] = 1
+            built = abstention.build_abstention(
+                spec,
+                sessions,
+                len(labels),
+                ([e.text for e in train], truth),
+                self.texts["calibration"],
+                self.texts["test"],
+                self.work,
+                seed=self.recipe.data.split.seed,
+            )
+            self.files["abstention.npz"] = built.file
+            self.calibration["abstention"] = built.manifest_entry
+            self.abstains = built.test_abstains
+            self.facts["abstention"] = built.facts
+            rates = built.facts["rates"][next(iter(built.facts["rates"]))]
+            self.say("abstention: " + ", ".join(f"{k} {v['abstained']}" for k, v in rates.items()))
+        floor = self.calibration.get("min_probability", 0.0)
+        answered: dict[str, Any] = {}
+        for precision, outputs in test.items():
+            probs = self.calibrated.probabilities(outputs)
+            refused = self.abstains.get(precision, np.zeros(len(outputs), dtype=bool))
+            if not multi_label:
+                refused = refused | (probs.max(axis=1) < floor)
+            kept = ~refused
+            name, value = task_metric(self.calibrated.metrics(outputs, targets), multi_label)
+            entry: dict[str, Any] = {"texts": len(outputs), "answered": int(kept.sum()), name: value}
+            if kept.any():
+                subset = targets[kept]
+                answered_metrics = classification_metrics(
+                    probs[kept], subset, labels, multi_label=multi_label, thresholds=self.calibrated.thresholds
+                )
+                entry[f"{name}_on_answered"] = task_metric(answered_metrics, multi_label)[1]
+            answered[precision] = entry
+        if "abstention" in self.facts:
+            self.facts["abstention"]["answered"] = answered
+        else:
+            self.facts["answered"] = answered
+
+    def compare(self, reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, Any]:
+        return validate.compare_variant(
+            reference, candidate, self.targets["validation"], self.calibrated, self.tolerance
+        )
+
+    def metrics(self, outputs: list[np.ndarray], split: str) -> dict[str, Any]:
+        return self.calibrated.metrics(outputs, self.targets[split])
+
+
+class _TokenClassification(_Task):
+    """Per-window token logits decoded into spans as the runtime does; the terminology built before the gate; the
+    gate on strict entity micro-F1 and per-token argmax agreement."""
+
+    stage = "terminology"
+    train = staticmethod(ner.train)
+
+    def __init__(self, recipe: Recipe, splits: Splits, work: Path, say: Callable[[str], None]) -> None:
+        super().__init__(recipe, splits, work, say)
+        assert recipe.entities is not None
+        self.entities = recipe.entities
+        self.types = recipe.label_names
+        self.examples = {"validation": splits.validation, "test": splits.test}
+        self.window_list: dict[str, list[Any]] = {}
+        self.index: Any = None
+        self.reference: float = 0.0
+        self.details = {"tags": tag_names(self.types)}  # the runtime's tag order
+
+    def score(self, session: Any, split: str) -> list[np.ndarray]:
+        windows, logits = ner.runtime_logits(session, self.texts[split])
+        self.window_list[split] = windows
+        return logits
+
+    def windows(self, outputs: list[np.ndarray]) -> dict[str, int]:
+        return {"windows": len(outputs), "tokens": int(sum(len(x) for x in outputs))}
+
+    def _mentions(self, outputs: list[np.ndarray], split: str, index: Any = None) -> dict[str, Any]:
+        minimum = self.entities.min_confidence if split == "test" else 0.0
+        texts, windows = self.texts[split], self.window_list[split]
+        spans = ner.predict_spans(texts, windows, outputs, self.types, 1.0, minimum)
+        return ner.ner_metrics(self.examples[split], spans, self.types, index)
+
+    def fit(self, fp32: list[np.ndarray]) -> None:
+        splits = self.splits
+        self.index, self.files, facts = build_terminology(
+            self.recipe, [*splits.train, *splits.validation], self.work, held_out=splits.test
+        )
+        self.say(f"terminology: {facts['concepts']} concepts, {facts['names']} names")
+        self.facts = {"terminology": facts}
+        self.reference = self._mentions(fp32, "validation")["mentions"]["micro"]["f1"]
+        entities = self.entities
+        self.manifest_extra = {
+            "entities": {
+                "resources": dict(entities.resources),
+                "system": entities.system,
+                "concepts": "concepts.json",
+                "vectors": "concept_vectors.npz",
+                "coding_threshold": entities.coding_threshold,
+                "assertion_lexicon": "assertion.json",
+                "min_confidence": entities.min_confidence,
+            }
+        }
+
+    def compare(self, reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, Any]:
+        f1 = self._mentions(candidate, "validation")["mentions"]["micro"]["f1"]
+        agreement = ner.agreement(reference, candidate)
+        drop = round((self.reference - f1) * 100, 4)
+        reasons = []
+        if drop > self.tolerance["max_metric_drop"]:
+            reasons.append(f"entity F1 drops {drop:.2f} points (allowed {self.tolerance['max_metric_drop']})")
+        if agreement < self.tolerance["min_agreement"]:
+            reasons.append(f"token agreement {agreement:.2%} (needs {self.tolerance['min_agreement']:.0%})")
+        entry: dict[str, Any] = {
+            "status": "failed" if reasons else "passed",
+            "metric": "entity_f1",
+            "fp32": self.reference,
+            "value": f1,
+            "metric_drop_points": drop,
+            "agreement": round(agreement, 6),
+            "max_abs_logit_diff": round(validate.torch_vs_onnx(reference, candidate), 6),
+        }
+        if reasons:
+            entry["reasons"] = reasons
+        return entry
+
+    def metrics(self, outputs: list[np.ndarray], split: str) -> dict[str, Any]:
+        if split == "validation":
+            return self._mentions(outputs, split)
+        value = self._mentions(outputs, split, self.index)
+        self.say(f"test: {json.dumps({k: v['f1'] for k, v in value['mentions'].items()})}")
+        return value
+
+
+_TASKS: dict[str, type[_TextClassification | _TokenClassification]] = {
+    "text-classification": _TextClassification,
+    "token-classification": _TokenClassification,
+}
+
+
 def _build(
     recipe: Recipe,
     trained: finetune.TrainedModel,
@@ -415,48 +714,28 @@ def _build(
     lap: Callable[[str], None],
     record: dict[str, Any],
 ) -> ConvertResult:
-    task = get_task(recipe.task)
-    labels = recipe.label_names
-    multi_label = recipe.output.multi_label
-    tolerance = recipe.tolerance()
-    stride = recipe.training.stride
-
-    made = export_variants(recipe, trained, tokenizer, task, work, say, lap, [e.text for e in splits.train])
-    fp32, files, fused, tokenizer_path = made.fp32, made.files, made.fused, made.tokenizer
-
-    # Every number below comes from the runtime's own session (windows, batches, padding): see _core.
-    valid_texts = [e.text for e in splits.validation]
-    valid_targets = finetune.targets_of(splits.validation, labels, multi_label)
-    fp32_session = made.open(fp32, "fp32")
-    provider = fp32_session.provider
-    fp32_notes = _core.note_logits(fp32_session, valid_texts)
-    torch_notes = _core.note_logits(_core.torch_session(trained.module, fp32_session), valid_texts)
-
-    def score(path: Path, precision: str, texts: list[str]) -> tuple[list[np.ndarray], str]:
-        session = made.open(path, precision)
-        return _core.note_logits(session, texts), session.provider
-
-    # Calibration is fit on what ships (fp32 ONNX), on validation, aggregated as the runtime aggregates.
-    temperature = fit_temperature(fp32_notes, valid_targets, multi_label=multi_label)
-    uncalibrated = validate.Calibrated(labels, multi_label)
-    calibrated = validate.Calibrated(labels, multi_label, temperature)
-    thresholds: dict[str, float] = {}
-    if multi_label:
-        thresholds = tune_thresholds(calibrated.probabilities(fp32_notes), valid_targets, labels)
-        calibrated = validate.Calibrated(
-            labels, multi_label, temperature, np.array([thresholds.get(k, 0.5) for k in labels])
-        )
-    ece_before = expected_calibration_error(
-        uncalibrated.probabilities(fp32_notes), valid_targets, multi_label=multi_label
+    """Export → optimize → quantize → the task's fit (calibrate / terminology) → parity gate → test metrics →
+    package, each stage timed (``lap``). Every number comes from the runtime's own session (see :mod:`_core`)."""
+    task = _TASKS[recipe.task](recipe, splits, work, say)
+    tolerance = task.tolerance
+    made = export_variants(
+        recipe, trained, tokenizer, get_task(recipe.task), work, say, lap, [e.text for e in splits.train]
     )
-    ece_after = expected_calibration_error(calibrated.probabilities(fp32_notes), valid_targets, multi_label=multi_label)
-    say(f"calibration: T = {temperature:.3f}, validation ECE {ece_before:.4f} → {ece_after:.4f}")
-    lap("calibrate")
+    fp32, files, fused = made.fp32, made.files, made.fused
 
-    diff = validate.torch_vs_onnx(torch_notes, fp32_notes)
+    # --- fit on validation (fp32 ONNX, and torch on the very same windows and batches for the gate) ---
+    fp32_session = made.open(fp32, "fp32")
+    fp32_out = task.score(fp32_session, "validation")
+    torch_out = task.score(_core.torch_session(trained.module, fp32_session), "validation")
+    task.prepare(fp32_session)
+    task.fit(fp32_out)
+    lap(task.stage)
+
+    # --- parity gate ---
+    diff = validate.torch_vs_onnx(torch_out, fp32_out)
     fp32_entry: dict[str, Any] = {
         "status": "passed" if diff <= tolerance["max_abs_logit_diff"] else "failed",
-        "provider": provider,
+        "provider": fp32_session.provider,
         "max_abs_logit_diff_vs_torch": diff,
     }
     if fp32_entry["status"] == "failed":
@@ -465,17 +744,20 @@ def _build(
         ]
     report: dict[str, Any] = {
         "split": "validation",
-        "texts": len(valid_texts),
-        "windows": int(sum(len(n) for n in fp32_notes)),
+        "texts": len(splits.validation),
+        **task.windows(fp32_out),
         "batch_size": _core.RUNTIME_BATCH_SIZE,
         "tolerance": tolerance,
         "variants": {"fp32": fp32_entry},
     }
+    if recipe.task == "token-classification":
+        report["metric"] = "strict entity micro-F1; agreement = per-token argmax agreement with fp32"
     for precision in ("int8", "fp16"):
         if precision not in files:
             continue
         try:
-            notes, used = score(files[precision], precision, valid_texts)
+            session = made.open(files[precision], precision)
+            outputs = task.score(session, "validation")
         except Exception as exc:  # onnxruntime: no kernel for this precision on the providers present
             if precision != "fp16":
                 raise
@@ -484,26 +766,23 @@ def _build(
                 "reason": f"no GPU provider, and the CPU provider cannot run it ({str(exc).splitlines()[0][:200]})",
             }
             continue
-        entry = validate.compare_variant(fp32_notes, notes, valid_targets, calibrated, tolerance)
+        entry = task.compare(fp32_out, outputs)
         if precision == "int8" and entry["status"] == "failed" and recipe.export.int8_fallback:
             fallback = _int8_fallback(
                 fp32,
                 work,
                 made.int8,
-                lambda path: score(path, "int8", valid_texts)[0],
-                fp32_notes,
-                valid_targets,
-                calibrated,
-                tolerance,
+                lambda path: task.score(made.open(path, "int8"), "validation"),
+                lambda candidate: task.compare(fp32_out, candidate),
                 entry,
                 say,
             )
             if fallback is not None:
-                path, notes, entry = fallback
+                path, outputs, entry = fallback
                 path.replace(files["int8"])
         if precision == "int8":
             entry["quantization"] = {**made.int8.describe(), "runs_as": _int8_ops(files["int8"])}
-        report["variants"][precision] = {"provider": used, **entry}
+        report["variants"][precision] = {"provider": session.provider, **entry}
     keep = validate.gate(report, recipe.export.allow_drop, recipe.parity.require)
     for precision, entry in report["variants"].items():
         say(
@@ -512,22 +791,16 @@ def _build(
         )
     lap("parity")
 
-    test_texts = [e.text for e in splits.test]
-    test_targets = finetune.targets_of(splits.test, labels, multi_label)
-    test_metrics: dict[str, Any] = {}
-    for precision in keep:
-        notes = score(files[precision], precision, test_texts)[0]
-        test_metrics[precision] = calibrated.metrics(notes, test_targets)
+    # --- test metrics of every variant that ships ---
+    sessions = {p: made.open(files[p], p) for p in keep}
+    test_out = {p: task.score(sessions[p], "test") for p in keep}
+    task.finish(sessions, test_out)
+    test_metrics = {p: task.metrics(test_out[p], "test") for p in keep}
     metrics = {
         "split": "test",
         "test": test_metrics,
-        "validation": {"fp32": calibrated.metrics(fp32_notes, valid_targets)},
-        "calibration": {
-            "temperature": temperature,
-            "ece_before": round(ece_before, 6),
-            "ece_after": round(ece_after, 6),
-            "split": "validation",
-        },
+        "validation": {"fp32": task.metrics(fp32_out, "validation")},
+        **task.facts,
         "splits": splits.counts(),
         "history": trained.history,
     }
@@ -535,19 +808,23 @@ def _build(
         metrics["search"] = record["search"]
     lap("evaluate")
 
+    # --- package ---
+    training = training_record(recipe, trained, splits.description, fused, record)
+    training["details"].update(task.details)
     prepare_out_dir(out)
     content = BundleContent(
         variants={p: files[p] for p in keep},
-        tokenizer=tokenizer_path,
+        tokenizer=made.tokenizer,
         max_tokens=trained.max_tokens,
-        stride=stride,
-        calibration={"temperature": temperature, "thresholds": thresholds, "default_threshold": 0.5},
+        stride=recipe.training.stride,
+        calibration=task.calibration,
         metrics=metrics,
         parity=report,
-        training=training_record(recipe, trained, splits.description, fused, record),
+        training=training,
         timings=record["timings"],
         command=_command(recipe, out, overrides),
-        extra_files={TEST_SPLIT: _write_test_split(recipe, splits, work)},
+        extra_files={**task.files, TEST_SPLIT: _write_test_split(recipe, splits, work)},
+        manifest_extra=task.manifest_extra,
     )
     manifest = write_bundle(out, recipe, content, fused=fused, signing_key=sign_key, before_card=lambda: lap("package"))
     say(f"bundle: {out} ({', '.join(keep)})")

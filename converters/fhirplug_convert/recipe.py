@@ -172,6 +172,14 @@ class SplitSpec(_Frozen):
         default=0.15, ge=0, lt=1, description="Share of examples held out for the model card's metrics."
     )
     seed: int = Field(default=13, description="Seed of the split: the same seed, the same split.")
+    calibration: float = Field(
+        default=0.5,
+        gt=0,
+        lt=1,
+        description="text-classification: share of the validation split (seeded, stratified) kept apart for "
+        "calibration (temperature, thresholds, floor, abstention); the rest chooses the epoch and runs the parity "
+        "gate, so what is calibrated is never what selected the model.",
+    )
 
     @model_validator(mode="after")
     def _room_for_training(self) -> SplitSpec:
@@ -209,6 +217,10 @@ class DataSpec(_Frozen):
         ge=0,
         lt=1,
         description="Share of the validation file's examples (seeded) that train instead; the rest validate.",
+    )
+    splits_note: str = Field(
+        default="",
+        description="Model card: which official splits the corpus provides and how this recipe split it.",
     )
 
     _paths = field_validator("path", "train", "validation", "test")(_relative)
@@ -461,6 +473,35 @@ class ParitySpec(_Frozen):
     )
 
 
+class AbstentionSpec(_Frozen):
+    """Out-of-domain abstention (text-classification): the plugin says "none of my codes" for a text unlike its
+    training data (Mahalanobis distance of the pooled embedding; see fhirplug._abstain)."""
+
+    enabled: bool = Field(default=True, description="Fit and ship abstention (text-classification only).")
+    ood: tuple[Path, ...] = Field(
+        default=(),
+        description='Out-of-domain texts, JSON Lines files of {"text": ...} (relative to the recipe): half of each '
+        "sets the threshold, the other half is the held-out set the card reports.",
+    )
+    generic_english: bool = Field(
+        default=True,
+        description="Also use fhirplug's own generic English texts (a calibration set and a different evaluation "
+        "set, fhirplug_convert/data/).",
+    )
+    max_in_domain_rate: float = Field(
+        default=0.01,
+        ge=0,
+        le=0.2,
+        description="Largest share of the in-domain calibration texts allowed to abstain; the threshold is "
+        "the lowest distance that keeps to it, raised where out-of-domain texts allow.",
+    )
+
+    @field_validator("ood")
+    @classmethod
+    def _ood_paths(cls, value: tuple[Path, ...], info: ValidationInfo) -> tuple[Path, ...]:
+        return tuple(p for p in (_relative(path, info) for path in value) if p is not None)
+
+
 class OutputSpec(_Frozen):
     """What the plugin writes (text-classification)."""
 
@@ -487,6 +528,28 @@ class InputsSpec(_Frozen):
         return value
 
 
+class DictionarySpec(_Frozen):
+    """One extra name list for the coding dictionary (an entry of ``entities.dictionaries``)."""
+
+    format: Literal["ncbi-disease", "pubtator"] = Field(
+        description="ncbi-disease (the NCBI Disease corpus files) or pubtator (PubTator mention lines)."
+    )
+    path: Path = Field(description="The file, relative to the recipe.")
+    type: str | None = Field(
+        default=None,
+        description="The entity type (a label) its names code; ncbi-disease needs it, pubtator reads only mentions "
+        "of this type (every label's when left out).",
+    )
+
+    _files = field_validator("path")(_relative)
+
+    @model_validator(mode="after")
+    def _typed(self) -> DictionarySpec:
+        if self.format == "ncbi-disease" and not self.type:
+            raise ValueError('an ncbi-disease dictionary needs type, the label its names code (e.g. "Disease")')
+        return self
+
+
 class EntitiesRecipe(_Frozen):
     """token-classification: entity type → FHIR resource, the terminology and the assertion lexicon."""
 
@@ -507,6 +570,12 @@ class EntitiesRecipe(_Frozen):
         description="The assertion lexicon to ship. Default: fhirplug's own (fhirplug/data/assertion.json).",
     )
     min_confidence: float = Field(default=0.0, ge=0, le=1, description="Mentions scored below this are dropped.")
+    dictionaries: tuple[DictionarySpec, ...] = Field(
+        default=(),
+        description='Extra name lists for the dictionary, each { format = "ncbi-disease" or "pubtator", path, '
+        'type = "Disease" }: their single-concept mentions are added to the training and validation mentions '
+        "(documents whose PMID or text is in the test split are left out; OMIM-only IDs are skipped).",
+    )
 
     _files = field_validator("concepts_file", "assertion_lexicon")(_relative)
 
@@ -542,6 +611,9 @@ class Recipe(_Frozen):
     training: TrainingSpec = Field(default=TrainingSpec(), description="How it trains.")
     export: ExportSpec = Field(default=ExportSpec(), description="ONNX export and variants.")
     parity: ParitySpec = Field(default=ParitySpec(), description="The parity gate.")
+    abstention: AbstentionSpec = Field(
+        default=AbstentionSpec(), description="text-classification: out-of-domain abstention."
+    )
     entities: EntitiesRecipe | None = Field(
         default=None, description="token-classification only: what mentions become."
     )
@@ -582,6 +654,11 @@ class Recipe(_Frozen):
                 )
         elif self.entities is not None:
             raise ValueError("[entities] is for token-classification recipes only")
+        for number, entry in enumerate(self.entities.dictionaries if self.entities else ()):
+            if entry.type is not None and seen and entry.type not in seen:  # labels_file: checked once read
+                raise ValueError(
+                    f"entities.dictionaries[{number}].type {entry.type!r} is not a label; labels: {sorted(seen)}"
+                )
         return self
 
     @model_validator(mode="after")

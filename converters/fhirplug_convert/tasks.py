@@ -93,7 +93,8 @@ def _text_classification() -> TaskSpec:
     return TaskSpec(
         name="text-classification",
         inputs=MappingProxyType({"input_ids": _BATCH_SEQ, "attention_mask": _BATCH_SEQ, "token_type_ids": _BATCH_SEQ}),
-        outputs=MappingProxyType({"logits": {0: "batch"}}),
+        # logits, and the pooled embedding the head reads: abstention's out-of-domain score (fhirplug._abstain).
+        outputs=MappingProxyType({"logits": {0: "batch"}, "embedding": {0: "batch"}}),
     )
 
 

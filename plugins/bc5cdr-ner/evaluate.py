@@ -1,6 +1,11 @@
 """Score the built bc5cdr-ner bundle through the fhirplug runtime, side by side with the corpus's baselines.
 
     python plugins/bc5cdr-ner/evaluate.py [--bundle plugins/bc5cdr-ner/build/bundle] [--variant int8]
+        [--rebuild-terminology] [--no-abbreviations] [--no-write]
+
+``--rebuild-terminology`` scores a temporary copy of the bundle whose dictionary is rebuilt from recipe.toml as the
+converter builds it now (fhirplug_convert.terminology), the model unchanged: what a new dictionary alone is worth.
+``--no-abbreviations`` codes each mention alone, without the abbreviations its abstract defines.
 
 - BC5CDR test split (500 abstracts): each abstract goes in as a FHIR DocumentReference (text/plain, base64), the
   runtime predicts (tokenize → ONNX → BIO decode → MeSH coding → assertion), and the predicted spans are scored:
@@ -21,7 +26,9 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -118,10 +125,34 @@ def run_plugin(plugin: Any, docs: list[Doc]) -> tuple[dict[str, list[Any]], dict
         methods[entity.coding_method] = methods.get(entity.coding_method, 0) + 1
     if result.issues:
         raise SystemExit(f"the runtime reported issues: {result.issues[:3]}")
+    stats["uncoded_rate"] = round(stats["uncoded"] / stats["predictions"], 4) if stats["predictions"] else 0.0
     stats["coding_methods"] = dict(sorted(methods.items()))
     stats["seconds"] = round(seconds, 1)
     stats["docs_per_second"] = round(len(docs) / seconds, 2)
     return pred, stats
+
+
+def rebuild_terminology(bundle: Path, recipe_path: Path, into: Path) -> dict[str, Any]:
+    """Copy ``bundle`` to ``into`` with the dictionary rebuilt from the recipe (model files untouched), re-hashed
+    and unsigned; returns the terminology facts."""
+    from fhirplug.bundle import read_manifest, write_manifest
+    from fhirplug_convert.datasets import load_splits
+    from fhirplug_convert.recipe import load_recipe
+    from fhirplug_convert.terminology import build_terminology
+
+    recipe = load_recipe(recipe_path)
+    splits = load_splits(recipe)
+    shutil.copytree(bundle, into)
+    (into / "manifest.sig").unlink(missing_ok=True)
+    work = into.parent / "terminology-work"
+    work.mkdir()
+    _, files, facts = build_terminology(recipe, [*splits.train, *splits.validation], work, held_out=splits.test)
+    for name in ("concepts.json", "concept_vectors.npz"):
+        shutil.copyfile(files[name], into / name)
+    manifest, _ = read_manifest(into)
+    fields = manifest.model_dump(mode="json", exclude={"variants", "files"})
+    write_manifest(into, fields, variants=[v.model_dump(mode="json", exclude={"sha256"}) for v in manifest.variants])
+    return facts
 
 
 def baseline(path: Path, type_map: dict[str, str]) -> dict[str, list[Any]]:
@@ -175,11 +206,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="int8")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--no-write", action="store_true", help="print, do not write results.json / README.md")
+    parser.add_argument(
+        "--rebuild-terminology",
+        action="store_true",
+        help="score a temporary copy of --bundle with the dictionary rebuilt from recipe.toml (implies --no-write)",
+    )
+    parser.add_argument("--recipe", type=Path, default=HERE / "recipe.toml", help="for --rebuild-terminology")
+    parser.add_argument("--no-abbreviations", action="store_true", help="do not resolve in-text abbreviations")
     args = parser.parse_args(argv)
+    if args.rebuild_terminology:
+        with tempfile.TemporaryDirectory(prefix="bc5cdr-terminology-") as folder:
+            copy = Path(folder) / "bundle"
+            facts = rebuild_terminology(args.bundle, args.recipe, copy)
+            return evaluate(args, copy, {"terminology_rebuilt_from": str(args.recipe), "terminology": facts})
+    return evaluate(args, args.bundle, {})
 
+
+def evaluate(args: argparse.Namespace, bundle: Path, extra: Doc) -> int:
     import fhirplug
 
-    plugin = fhirplug.load_plugin(args.bundle, allow_unsigned=True, variant=args.variant, provider="cpu")
+    plugin = fhirplug.load_plugin(bundle, allow_unsigned=True, variant=args.variant, provider="cpu")
+    plugin.task.resolve_abbreviations = not args.no_abbreviations
     bc5 = args.data / "bc5cdr"
     gold = read_pubtator(bc5 / "pubtator" / "CDR_TestSet.PubTator.txt", {"Disease": "Disease", "Chemical": "Chemical"})
     pred, runtime = run_plugin(plugin, gold)
@@ -187,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         "bundle": str(args.bundle),
         "variant": plugin.variant,
         "manifest_sha256": plugin.manifest_sha256,
+        "abbreviations_resolved": not args.no_abbreviations,
+        **extra,
         "bc5cdr_test": {
             "documents": len(gold),
             "fhirplug": score(gold, pred, ("Disease", "Chemical")),
@@ -217,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             "runtime": ncbi_runtime,
         }
     text = json.dumps(results, indent=2, sort_keys=True) + "\n"
-    if args.no_write:
+    if args.no_write or extra:
         sys.stdout.write(text)
         return 0
     (HERE / "results.json").write_text(text, encoding="utf-8")

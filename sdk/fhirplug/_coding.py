@@ -9,6 +9,11 @@ Three steps, first hit wins:
    name and synonym, shipped in the bundle) to the closest name; its concept is returned when the similarity is
    at or above the plugin's threshold, else the mention stays **uncoded** (``code is None``), never mis-coded.
 
+Between 2 and 3, with the note's abbreviations (:func:`fhirplug._abbrev.abbreviations`): a mention that is a short
+form defined in its own note ("Parkinson's disease (PD)" … "PD") and that no dictionary name matches takes the
+concept of its long form, coded by the same steps (method **abbreviation**, the long form's score). A short form
+is too short for n-grams to mean much, and its meaning is local to the note, so this comes before step 3.
+
 Why character n-grams and not the bundle's encoder: the NER model's hidden states are trained to tag tokens, not
 to place synonyms near each other, and a second ONNX output would cost every window a pooled copy. Character
 n-grams are what unseen surface forms of a known concept (spelling, word order, inflection, hyphens) share; they
@@ -76,11 +81,13 @@ class Coding:
 
     code: str | None
     display: str | None
-    #: exact | normalized | nearest | none
+    #: exact | normalized | abbreviation | nearest | none
     method: str
     score: float
     #: The dictionary name that matched (nearest neighbour: the closest name, even when below threshold).
     matched: str | None = None
+    #: abbreviation: the long form, defined in the same text, that was coded in the mention's place.
+    long_form: str | None = None
 
 
 class ConceptIndex:
@@ -188,8 +195,25 @@ class ConceptIndex:
         row = int(np.argmax(scores))
         return row, float(scores[row])
 
-    def code(self, text: str, kind: str | None = None) -> Coding:
-        """Code one mention (of entity type ``kind``, when the terminology is typed)."""
+    def code(self, text: str, kind: str | None = None, abbreviations: Mapping[str, str] | None = None) -> Coding:
+        """Code one mention (of entity type ``kind``, when the terminology is typed).
+
+        Args:
+            abbreviations: short form → long form defined in the mention's text (see :mod:`fhirplug._abbrev`); a
+                mention that is one of these short forms and matches no dictionary name is coded as its long form.
+        """
+        coding = self._code_cached(text, kind)
+        if not abbreviations or coding.method in ("exact", "normalized"):
+            return coding
+        long_form = abbreviations.get(text.strip())
+        if long_form is None or long_form.strip() == text.strip():
+            return coding
+        expanded = self._code_cached(long_form, kind)
+        if expanded.code is None:
+            return coding
+        return Coding(expanded.code, expanded.display, "abbreviation", expanded.score, expanded.matched, long_form)
+
+    def _code_cached(self, text: str, kind: str | None) -> Coding:
         cached = self._cache.get((text, kind))
         if cached is None:
             cached = self._code(text, kind)

@@ -132,7 +132,7 @@ def run_examples(plugin: Plugin, examples: list[Path], output: Path) -> DemoRun:
 _TAG = re.compile(r"<[^>]*>?")
 
 
-def render(run: DemoRun, expected: dict[str, list[str]]) -> str:
+def render(run: DemoRun, expected: dict[str, dict[str, list[str]]]) -> str:
     rows = [("input", "source", "code", "display", "prob", "evidence")]
     for path, result in run.results:
         for p in result.predictions:
@@ -153,15 +153,21 @@ def render(run: DemoRun, expected: dict[str, list[str]]) -> str:
     widths = [min(max(len(r[i]) for r in rows), 40 if i == 3 else 60) for i in range(len(rows[0]))]
     lines = ["  ".join(cell[: widths[i]].ljust(widths[i]) for i, cell in enumerate(row)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    missing = []
+    missing, extra = [], []
     for path, result in run.results:
-        got = {p.code for p in result.predictions}
-        missing += [f"{path.name}: {code}" for code in expected.get(path.name, []) if code not in got]
+        # expected.json: per example, per source note, the full list of codes (codes and absences).
+        promised = {(ref, code) for ref, codes in expected.get(path.name, {}).items() for code in codes}
+        got = {(p.source.reference, p.code) for p in result.predictions}
+        missing += [f"{path.name}: {ref} {code}" for ref, code in sorted(promised - got)]
+        extra += [f"{path.name}: {ref} {code}" for ref, code in sorted(got - promised)]
     lines.append("")
     lines.append(
-        "every example yielded the codes its plugin card promises"
-        if not missing
-        else f"MISSING promised codes: {', '.join(missing)}"
+        "every example yielded exactly the codes its plugin card promises"
+        if not missing and not extra
+        else "; ".join(
+            [f"MISSING promised codes: {', '.join(missing)}"] * bool(missing)
+            + [f"UNEXPECTED codes: {', '.join(extra)}"] * bool(extra)
+        )
     )
     return "\n".join(lines)
 

@@ -37,8 +37,20 @@ def describe_bundle(name_or_path: str, *, as_json: bool = False) -> str:
         f"  writes:       {m.outputs.resource} per predicted code",
         f"  tokenizer:    {m.tokenizer.file}, windows of {m.tokenizer.max_tokens} tokens, stride {m.tokenizer.stride}",
         f"  calibration:  temperature {m.calibration.temperature:.3f}, "
-        f"{len(m.calibration.thresholds)} per-code threshold(s), default {m.calibration.default_threshold}",
+        + (
+            f"{len(m.calibration.thresholds)} per-code threshold(s), default {m.calibration.default_threshold}"
+            if m.outputs.multi_label
+            else f"top code, floor {m.calibration.min_probability:.3f}"
+        ),
     ]
+    if m.task == "text-classification":
+        abstention = m.calibration.abstention
+        lines.append(
+            f"  abstention:   {abstention.method} distance of the pooled embedding > {abstention.threshold:.2f}"
+            " → no code"
+            if abstention is not None
+            else "  abstention:   none (the plugin answers every text)"
+        )
     if m.training:
         params = ""
         if m.training.trainable_parameters and m.training.total_parameters:
@@ -55,6 +67,8 @@ def describe_bundle(name_or_path: str, *, as_json: bool = False) -> str:
     for spec in m.outputs.labels:
         threshold = m.calibration.thresholds.get(spec.label)
         extra = f"  (threshold {threshold:.2f})" if threshold is not None else ""
+        if spec.label in m.calibration.withheld:
+            extra = f"  (withheld: {m.calibration.withheld[spec.label]})"
         lines.append(f"    {spec.label:<24} {spec.system} {spec.code}  {spec.display}{extra}")
     headline = {k: v for k, v in m.metrics.items() if isinstance(v, int | float)}
     if headline:

@@ -257,6 +257,12 @@ def _budget_from(**given: int | None) -> Any:
     default=None,
     help="Largest input file or standard input (default 50 MiB); a larger one is reported as too-costly unread.",
 )
+@click.option(
+    "--explain",
+    is_flag=True,
+    help="Text classification: score each sentence of a note by occlusion (up to 32 segments), print every "
+    "prediction's contributions on stderr and write its top spans, with contributions, into the output.",
+)
 @_budget_options
 @_load_options
 @_translate
@@ -267,6 +273,7 @@ def predict(
     output: str | None,
     outcome: str | None,
     max_request_bytes: int | None,
+    explain: bool,
     max_chars: int | None,
     max_input_chars: int | None,
     max_input_windows: int | None,
@@ -305,7 +312,7 @@ def predict(
         budget=budget,
     )
     readable, unreadable = _read_inputs(inputs, budget.max_request_bytes)
-    result = loaded.predict_many(readable)
+    result = loaded.predict_many(readable, explain=explain)
     result.issues[:0] = unreadable
     if fmt == "ndjson":
         text = result.to_ndjson()
@@ -317,6 +324,9 @@ def predict(
         click.echo(text, nl=False)
     if outcome:
         _write(outcome, json.dumps(result.outcome(), indent=2) + "\n")
+    if explain:
+        for line in _explanation_lines(result.predictions):
+            click.echo(line, err=True)
     problems: list[Issue] = [i for i in result.issues if i.severity != "information"]
     for issue in problems:
         where = f" at {', '.join(issue.expression)}" if issue.expression else ""
@@ -329,6 +339,24 @@ def predict(
     )
     if result.has_errors:
         sys.exit(InputError.exit_code)
+
+
+def _explanation_lines(predictions: Sequence[Any]) -> list[str]:
+    """``predict --explain`` on stderr: per prediction, its segments by contribution (original offsets)."""
+    lines: list[str] = []
+    for p in predictions:
+        if "explanation" not in p.details:
+            continue
+        how = p.details.get("evidence", "window")
+        why = f": {p.details['evidence_reason']}" if p.details.get("evidence_reason") else ""
+        lines.append(
+            f"explain {p.evidence.reference} {p.code} {p.display} (p={p.probability:.3f}; evidence: {how}{why})"
+        )
+        for part in p.details["explanation"]:
+            text = " ".join(str(part["text"]).split())
+            text = text if len(text) <= 100 else text[:99].rstrip() + "…"
+            lines.append(f"  {part['contribution']:+.4f} [{part['start']}:{part['end']}] {text}")
+    return lines
 
 
 @main.command()
@@ -744,3 +772,120 @@ def bench(
         click.echo(f"wrote {plot_out}", err=True)
     if not json_out:
         click.echo(json.dumps(report, indent=2))
+
+
+@main.command()
+@click.argument("plugin")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, help="Output folder (new, empty, or this run's to resume).")
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "spark"]),
+    default="local",
+    show_default=True,
+    help="local worker processes, or Apache Spark (needs the [spark] extra).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Local worker processes, each holding one verified plugin (Spark: local[N] unless --spark-master).",
+)
+@click.option("--spark-master", default=None, help="Spark master URL for --engine spark (default local[WORKERS]).")
+@click.option(
+    "--chunk-lines",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Input lines per chunk: the unit of work and of what a killed run redoes.",
+)
+@click.option(
+    "--transaction-time",
+    type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"]),
+    default=None,
+    help="The run's time in every resource and the manifest (default: when the run first started). Naive = UTC.",
+)
+@click.option("--restart", is_flag=True, help="Discard another (or a finished) run found in --out and start anew.")
+@click.option(
+    "--max-request-bytes",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Longest input line (default 50 MiB); a longer one is reported as too-costly unread.",
+)
+@click.option("--progress/--no-progress", default=None, help="Progress on stderr (default: on a terminal).")
+@_budget_options
+@_load_options
+@_translate
+def score(
+    plugin: str,
+    inputs: Sequence[str],
+    out_dir: str,
+    engine: str,
+    workers: int,
+    spark_master: str | None,
+    chunk_lines: int,
+    transaction_time: Any,
+    restart: bool,
+    max_request_bytes: int | None,
+    progress: bool | None,
+    max_chars: int | None,
+    max_input_chars: int | None,
+    max_input_windows: int | None,
+    max_windows_in_flight: int | None,
+    trusted_keys: Sequence[str],
+    allow_unsigned: bool,
+    provider: str,
+    variant: str,
+    threads: int | None,
+) -> None:
+    """Score FHIR Bulk Data NDJSON: INPUTS are .ndjson / .ndjson.gz files, folders, or Bulk Data export folders.
+
+    Writes --out as an export is laid out: one NDJSON per generated type (RiskAssessment or Condition, Device,
+    the model card's DocumentReference, Provenance), OperationOutcome.ndjson (every bad line, as file:line) and
+    manifest.json (counts, plugin hash, input hashes, transactionTime). Resource types the plugin does not read
+    are skipped with a count. Killed or interrupted, the same command resumes and ends with the same bytes.
+    Exit 4 when some lines had errors (everything else is still scored and written).
+    """
+    from fhirplug.bulk import score as run_score
+
+    budget = _budget_from(
+        max_request_bytes=max_request_bytes,
+        max_chars=max_chars,
+        max_input_chars=max_input_chars,
+        max_input_windows=max_input_windows,
+        max_windows_in_flight=max_windows_in_flight,
+    )
+    result = run_score(
+        plugin,
+        list(inputs),
+        out_dir,
+        engine="spark" if engine == "spark" else "local",
+        workers=workers,
+        trusted_keys=trusted_keys,
+        allow_unsigned=allow_unsigned,
+        provider=provider,
+        variant=variant,
+        threads=threads,
+        budget=budget,
+        chunk_lines=chunk_lines,
+        transaction_time=transaction_time,
+        restart=restart,
+        progress=progress,
+        spark_master=spark_master,
+    )
+    skipped = ", ".join(f"{kind} ×{n:,}" for kind, n in result.skipped.items())
+    written = ", ".join(f"{kind} {n:,}" for kind, n in sorted(result.counts.items()))
+    how = (
+        "already complete; nothing redone"
+        if result.already_complete
+        else (f"resumed after {result.resumed_chunks} finished chunk(s)" if result.resumed_chunks else "done")
+    )
+    click.echo(
+        f"{result.lines:,} line(s), {result.notes:,} note(s), {result.predictions:,} prediction(s); "
+        f"{result.error_lines:,} line(s) with errors; skipped: {skipped or 'none'}; wrote {written or 'nothing'} "
+        f"to {result.out} ({how})",
+        err=True,
+    )
+    if result.error_lines:
+        sys.exit(InputError.exit_code)

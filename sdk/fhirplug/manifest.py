@@ -20,6 +20,7 @@ from fhirplug.errors import ManifestError, ProviderError
 __all__ = [
     "MANIFEST_FILE",
     "SCHEMA_VERSION",
+    "Abstention",
     "Calibration",
     "EntitiesSpec",
     "InputSpec",
@@ -145,11 +146,41 @@ class TokenizerSpec(_Frozen):
         return self
 
 
+class Abstention(_Frozen):
+    """When a text-classification plugin says "none of my codes" (``calibration.abstention``).
+
+    The score is the Mahalanobis distance of the text's pooled embedding (the model output ``output``, the mean
+    over the text's windows) to the nearest class mean, under the shared covariance fitted at convert time on
+    the training split (see :mod:`fhirplug._abstain`); a text farther than ``threshold`` gets no code and an
+    informational issue with its distance.
+    """
+
+    method: Literal["mahalanobis"] = "mahalanobis"
+    #: The .npz in the bundle: ``whitening`` [H, H] and ``means`` [classes, H] (the class means, whitened).
+    file: str = "abstention.npz"
+    #: The model output holding the pooled embedding, one row per window.
+    output: str = "embedding"
+    #: Distances above it abstain (chosen on in-domain validation and out-of-domain calibration texts).
+    threshold: float = Field(gt=0)
+
+    @field_validator("file")
+    @classmethod
+    def _inside(cls, value: str) -> str:
+        return check_file_name(value)
+
+
 class Calibration(_Frozen):
     temperature: float = Field(default=1.0, gt=0)
     #: Per-code decision thresholds on calibrated probabilities, keyed by label.
     thresholds: dict[str, float] = Field(default_factory=dict)
     default_threshold: float = Field(default=0.5, ge=0, le=1)
+    #: Multi-class: a text whose top probability is below it gets no code (the plugin abstains); 0: never.
+    min_probability: float = Field(default=0.0, ge=0, le=1)
+    #: Out-of-domain abstention (text-classification); None: the plugin answers every text.
+    abstention: Abstention | None = None
+    #: Labels the model has but the plugin never predicts, each with the reason (e.g. test AUROC under the
+    #: converter's reliability bar). A multi-class text whose top label is withheld gets no code.
+    withheld: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("thresholds")
     @classmethod
@@ -237,6 +268,9 @@ class Manifest(_Frozen):
         unknown = sorted(set(self.calibration.thresholds) - labels)
         if unknown:
             raise ValueError(f"calibration.thresholds names labels not in outputs.labels: {unknown}")
+        unknown = sorted(set(self.calibration.withheld) - labels)
+        if unknown:
+            raise ValueError(f"calibration.withheld names labels not in outputs.labels: {unknown}")
         if self.entities is not None:
             unknown = sorted(set(self.entities.resources) - labels)
             if unknown:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from fhirplug._budget import DEFAULT_BUDGET, Budget, WindowGate, over_budget
+from fhirplug._explain import EVIDENCE_SEGMENTS, ExplainGroup, explain_groups
 from fhirplug._inputs import read_input_file
 from fhirplug.bundle import VerifiedBundle, verify_bundle
 from fhirplug.errors import FhirplugError, PluginError, ProviderError, TaskError, UsageError
@@ -134,6 +135,10 @@ class Plugin:
         self.gate = WindowGate(self.budget.max_windows_in_flight)
         manifest = bundle.manifest
         self.manifest: Manifest = manifest
+        #: Text classification: at most this many sentence segments per note are occluded to find each code's
+        #: evidence (one batched model pass of that many copies of the note); below 2, no occlusion runs and the
+        #: evidence is the model window (e.g. for bulk scoring, where it multiplies the model work).
+        self.evidence_segments: int = EVIDENCE_SEGMENTS
         self.path = bundle.path
         self.manifest_sha256 = bundle.manifest_sha256
         self.signed_by = bundle.signed_by
@@ -197,6 +202,7 @@ class Plugin:
         *,
         issues: list[Issue] | None = None,
         names: Sequence[str | None] | None = None,
+        explain: bool = False,
     ) -> list[Prediction]:
         """Predict for already-extracted texts (the task's prepare → run → interpret), within the budget.
 
@@ -205,6 +211,8 @@ class Plugin:
             issues: where a text left out goes as an issue (over the budget, or a failure on that text alone);
                 without it those texts are only left out.
             names: ``names[i]`` is how issues name the input ``sources[i]`` came from (``Issue.source``).
+            explain: text-classification: each prediction's ``details["explanation"]`` lists every sentence
+                (segment) of its note with its contribution to the code's probability (see :meth:`predict`).
 
         Returns:
             The predictions of every text that was predicted, in source order.
@@ -217,7 +225,8 @@ class Plugin:
         if names is not None and len(names) != len(sources):
             raise UsageError(f"names must give one name per source: {len(names)} names for {len(sources)} sources")
         sink: list[Issue] = [] if issues is None else issues
-        predictions, found = self._predict(sources, list(names) if names is not None else [None] * len(sources))
+        given: list[str | None] = list(names) if names is not None else [None] * len(sources)
+        predictions, found = self._predict(sources, given, _flag(explain))
         sink.extend(found)
         return predictions
 
@@ -226,6 +235,7 @@ class Plugin:
         inputs: Sequence[Sequence[TextSource]],
         *,
         names: Sequence[Sequence[str | None]] | None = None,
+        explain: bool = False,
     ) -> list[tuple[list[Prediction], list[Issue]]]:
         """Predict several independent inputs in one model run (a server's micro-batch).
 
@@ -235,6 +245,7 @@ class Plugin:
         Args:
             inputs: ``inputs[k]`` is the texts of the k-th input (one request, say).
             names: ``names[k][i]`` is how issues name the input ``inputs[k][i]`` came from.
+            explain: per-sentence contributions in each prediction's details (see :meth:`predict`).
 
         Returns:
             Per input, in order: its predictions (in source order) and its issues.
@@ -243,6 +254,7 @@ class Plugin:
             UsageError: ``inputs`` is not a sequence of sequences of TextSource, or ``names`` does not match it.
             ProviderError: onnxruntime failed.
         """
+        explain = _flag(explain)
         groups = [list(_checked(group, TextSource, f"inputs[{k}]")) for k, group in enumerate(inputs)]
         labels: list[list[str | None]] = (
             [list(n) for n in names] if names is not None else [[None] * len(g) for g in groups]
@@ -253,8 +265,10 @@ class Plugin:
         chosen: list[TextSource] = []
         texts: list[str] = []
         owner: dict[int, int] = {}  # id(TextSource) → input index: predictions carry their source
+        spent: list[list[int]] = []  # per input, the windows of its admitted texts (occlusion counts too)
         for k, (group, group_names) in enumerate(zip(groups, labels, strict=True)):
-            admitted, prepared, issues = self._prepare_admit(group, group_names)
+            spent.append([])
+            admitted, prepared, issues = self._prepare_admit(group, group_names, spent[k])
             found.append(issues)
             for i in admitted:
                 chosen.append(group[i])
@@ -264,19 +278,27 @@ class Plugin:
         if not chosen:
             return out
         try:
-            predictions = self._interpret(chosen, texts)
+            predictions, notices = self._interpret(chosen, texts)
         except (UsageError, ProviderError):
             raise
         except Exception:  # one input at a time, so the failing text is reported in its own input alone
-            return [self._predict(g, n) for g, n in zip(groups, labels, strict=True)]
+            return [self._predict(g, n, explain) for g, n in zip(groups, labels, strict=True)]
         for prediction in predictions:
             out[owner[id(prediction.source)]][0].append(prediction)
-        return out
+        for source, notice in notices:
+            out[owner[id(source)]][1].append(notice)
+        text_of = {id(source): text for source, text in zip(chosen, texts, strict=True)}
+        left = [self.budget.max_input_windows - sum(n) for n in spent]
+        explained = self._explained([(ps, text_of, left[k]) for k, (ps, _) in enumerate(out)], explain)
+        return [(ps, issues) for ps, (_, issues) in zip(explained, out, strict=True)]
 
     def _prepare_admit(
-        self, sources: list[TextSource], names: list[str | None]
+        self, sources: list[TextSource], names: list[str | None], spent: list[int] | None = None
     ) -> tuple[list[int], list[str], list[Issue]]:
-        """The indices of the sources within the budget, every prepared text, and the issues of the others."""
+        """The indices of the sources within the budget, every prepared text, and the issues of the others.
+
+        ``spent``, when given, receives the window count of each admitted text.
+        """
         issues: list[Issue] = []
         texts: list[str] = []
         unprepared: set[int] = set()
@@ -293,6 +315,8 @@ class Plugin:
         labels = [(f"{s.reference} {s.element}", n) for s, n in zip(sources, names, strict=True)]
         admitted, refused = self._admit(texts, labels, skip=unprepared, locations=[s.location for s in sources])
         issues.extend(refused)
+        if spent is not None:
+            spent.extend(n for _, n in admitted)
         return [i for i, _ in admitted], texts, issues
 
     def predict_texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -332,13 +356,22 @@ class Plugin:
         data: bytes | str | Mapping[str, Any] | Sequence[Mapping[str, Any]],
         *,
         source_name: str = "input",
+        explain: bool = False,
     ) -> PredictionResult:
         """Read FHIR R4 input and predict.
+
+        A text-classification prediction's evidence is the sentence whose removal lowers the code's probability
+        most, found by occlusion through the model (:mod:`fhirplug._explain`: a note is cut into at most 8
+        segments; longer notes, one-sentence notes and work over the budget keep the window evidence, and
+        ``details["evidence"]``/``details["evidence_reason"]`` say which and why).
 
         Args:
             data: one resource, a Bundle (any type), a list of resources, or NDJSON — as JSON text, bytes or
                 already-decoded objects.
             source_name: how issues name this input (a file name, say).
+            explain: cut each note into up to 32 segments and list them all in ``details["explanation"]`` as
+                ``{"start", "end", "text", "contribution"}`` (offsets into the original; contribution = the
+                code's probability minus its probability with that segment removed), highest first.
 
         Returns:
             A :class:`PredictionResult`. Input problems do not raise: each bad resource or element, each text
@@ -348,17 +381,18 @@ class Plugin:
         Raises:
             ProviderError: onnxruntime failed (nothing about the input raises).
         """
-        return self.predict_many([(source_name, data)])
+        return self.predict_many([(source_name, data)], explain=explain)
 
-    def predict_many(self, inputs: Iterable[tuple[str, FhirInput]]) -> PredictionResult:
+    def predict_many(self, inputs: Iterable[tuple[str, FhirInput]], *, explain: bool = False) -> PredictionResult:
         """Read several named FHIR inputs (``(name, data)``: data as :meth:`predict` takes it) and predict them as
         one run: one Device and one Provenance for all; each input's issues are named by its name. The budget
-        holds for the run as a whole (one CDS request).
+        holds for the run as a whole (one CDS request). ``explain`` as for :meth:`predict`.
 
         Raises:
             UsageError: ``inputs`` is not an iterable of ``(name, data)`` pairs.
             ProviderError: onnxruntime failed.
         """
+        explain = _flag(explain)
         started = time.perf_counter()
         read: list[tuple[TextSource, str | None]] = []
         issues: list[Issue] = []
@@ -367,17 +401,19 @@ class Plugin:
         left: int | None = self.budget.max_input_chars
         for name, data in _pairs(inputs):
             left = self._read(data, str(name), read, issues, unsent, requests, left)
-        return self._predict_read(read, issues, started, unsent, requests)
+        return self._predict_read(read, issues, started, unsent, requests, explain)
 
-    def predict_files(self, paths: Iterable[str | os.PathLike[str]]) -> PredictionResult:
+    def predict_files(self, paths: Iterable[str | os.PathLike[str]], *, explain: bool = False) -> PredictionResult:
         """Read and predict several FHIR files (JSON or NDJSON) as one run with one Provenance.
 
         A file that cannot be read is an ``error``/``not-found`` issue; the budget holds for the run as a whole.
+        ``explain`` as for :meth:`predict`.
 
         Raises:
             UsageError: ``paths`` holds something that is not a path.
             ProviderError: onnxruntime failed.
         """
+        explain = _flag(explain)
         started = time.perf_counter()
         read: list[tuple[TextSource, str | None]] = []
         issues: list[Issue] = []
@@ -391,7 +427,7 @@ class Plugin:
                     issues.append(problem)
                 continue
             left = self._read(raw, str(path), read, issues, unsent, requests, left)
-        return self._predict_read(read, issues, started, unsent, requests)
+        return self._predict_read(read, issues, started, unsent, requests, explain)
 
     # --- the one pipeline every public method runs -------------------------------------------------------------
 
@@ -443,10 +479,11 @@ class Plugin:
         started: float,
         unsent: dict[str, dict[str, Any]] | None = None,
         requests: dict[str, dict[str, Any]] | None = None,
+        explain: bool = False,
     ) -> PredictionResult:
         read_done = time.perf_counter()
         sources = [s for s, _ in read]
-        predictions, found = self._predict(sources, [n for _, n in read])
+        predictions, found = self._predict(sources, [n for _, n in read], explain)
         issues.extend(found)
         done = time.perf_counter()
         return PredictionResult(
@@ -460,29 +497,72 @@ class Plugin:
             input_requests=requests or {},
         )
 
-    def _predict(self, sources: list[TextSource], names: list[str | None]) -> tuple[list[Prediction], list[Issue]]:
+    def _predict(
+        self, sources: list[TextSource], names: list[str | None], explain: bool = False
+    ) -> tuple[list[Prediction], list[Issue]]:
         """Budget, then stream: the admitted sources are predicted; every other one gets its issue."""
-        admitted, texts, issues = self._prepare_admit(sources, names)
+        spent: list[int] = []
+        admitted, texts, issues = self._prepare_admit(sources, names, spent)
         if not admitted:
             return [], issues
+        text_of = {id(source): text for source, text in zip(sources, texts, strict=True)}
+        left = self.budget.max_input_windows - sum(spent)
         try:
-            return self._interpret([sources[i] for i in admitted], [texts[i] for i in admitted]), issues
+            predictions, notices = self._interpret([sources[i] for i in admitted], [texts[i] for i in admitted])
+            (predictions,) = self._explained([(predictions, text_of, left)], explain)
+            return predictions, issues + _named(notices, sources, names)
         except (UsageError, ProviderError):
             raise
         except Exception:  # one source at a time, so the failing one alone is reported
-            predictions: list[Prediction] = []
+            predictions = []
             for i in admitted:
                 try:
-                    predictions.extend(self._interpret([sources[i]], [texts[i]]))
+                    got, notices = self._interpret([sources[i]], [texts[i]])
                 except (UsageError, ProviderError):
                     raise
                 except Exception as exc:
                     issues.append(_failed(sources[i], names[i], "predicting", exc))
+                    continue
+                predictions.extend(got)
+                issues.extend(_named(notices, sources, names))
+            (predictions,) = self._explained([(predictions, text_of, left)], explain)
             return predictions, issues
 
-    def _interpret(self, sources: list[TextSource], texts: list[str]) -> list[Prediction]:
+    def _explained(self, groups: list[ExplainGroup], explain: bool) -> list[list[Prediction]]:
+        """Text-classification: occlusion evidence, and with ``explain`` per-sentence contributions
+        (:mod:`fhirplug._explain`). Other tasks' evidence (a mention's span) is already the smallest span.
+
+        A failure here costs the explanation, never the prediction: the window evidence is kept, and says why.
+        """
+        if self.manifest.task != "text-classification" or not any(ps for ps, _, _ in groups):
+            return [list(ps) for ps, _, _ in groups]
+        labels = [spec.label for spec in self.manifest.outputs.labels]
+        try:
+            return explain_groups(
+                groups,
+                self._occlusion_scores,
+                self.session.count_windows,
+                labels,
+                explain=explain,
+                segments=self.evidence_segments,
+            )
+        except (UsageError, ProviderError):
+            raise
+        except Exception as exc:
+            reason = f"the explanation failed ({_describe(exc)})"
+            return [[_unexplained(p, reason, explain) for p in ps] for ps, _, _ in groups]
+
+    def _occlusion_scores(self, texts: list[str]) -> np.ndarray:
+        """Probabilities of the occluded copies: the plugin's own model path, under the window gate."""
         windows, outputs = self._run(texts, range(len(texts)))
-        return self.task.interpret(sources, windows, outputs)
+        return self.task.scores(len(texts), windows, outputs)
+
+    def _interpret(
+        self, sources: list[TextSource], texts: list[str]
+    ) -> tuple[list[Prediction], list[tuple[TextSource, Issue]]]:
+        """The task's predictions and its notices (e.g. an abstention), each notice with the source it is about."""
+        windows, outputs = self._run(texts, range(len(texts)))
+        return self.task.interpret(sources, windows, outputs), self.task.notices(sources, windows, outputs)
 
     def _admit(
         self,
@@ -597,6 +677,19 @@ def _pairs(inputs: Iterable[tuple[str, FhirInput]]) -> list[tuple[str, FhirInput
     return pairs
 
 
+def _flag(explain: object) -> bool:
+    if not isinstance(explain, bool):
+        raise UsageError(f"explain must be True or False, got {explain!r}")
+    return explain
+
+
+def _unexplained(prediction: Prediction, reason: str, explain: bool) -> Prediction:
+    details = {**prediction.details, "evidence": "window", "evidence_reason": reason}
+    if explain:
+        details.setdefault("explanation", [])
+    return replace(prediction, details=details)
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:300]
 
@@ -610,6 +703,12 @@ def _failed_label(label: str, where: tuple[str, ...], name: str | None, step: st
         where,
         name,
     )
+
+
+def _named(notices: list[tuple[TextSource, Issue]], sources: list[TextSource], names: list[str | None]) -> list[Issue]:
+    """Notices with the input name of the source they are about (``Issue.source``), when it has one."""
+    name_of = {id(s): n for s, n in zip(sources, names, strict=True)}
+    return [replace(issue, source=issue.source or name_of.get(id(source))) for source, issue in notices]
 
 
 def _failed(source: TextSource, name: str | None, step: str, exc: BaseException) -> Issue:

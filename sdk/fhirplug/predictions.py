@@ -60,13 +60,18 @@ class TextSource:
 
 @dataclass(frozen=True)
 class Evidence:
-    """The span of the source that supports a prediction (offsets into ``TextSource.original``)."""
+    """The span of the source that supports a prediction (offsets into ``TextSource.original``).
+
+    ``contribution`` is set when the span was found by occlusion (text-classification, see
+    :mod:`fhirplug._explain`): how much the code's probability drops when the span is removed from the note.
+    """
 
     reference: str
     element: str
     start: int
     end: int
     snippet: str
+    contribution: float | None = None
 
 
 @dataclass(frozen=True)

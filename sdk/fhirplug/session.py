@@ -145,6 +145,13 @@ class ModelSession:
                 f"{model_name}: the manifest names input(s) {missing} the model lacks; model inputs: {sorted(names)}"
             )
         self.input_names = [n for n in variant.input_names if n in names]
+        outputs = {o.name for o in self.session.get_outputs()}
+        absent = [n for n in variant.output_names if n not in outputs]
+        if absent:
+            raise PluginError(
+                f"{model_name}: the manifest names output(s) {absent} the model lacks; model outputs: {sorted(outputs)}"
+            )
+        self.output_names = list(variant.output_names)
         self.provider = self.session.get_providers()[0]
 
     def _template(self, where: str) -> None:
@@ -272,7 +279,12 @@ class ModelSession:
         return out
 
     def run(self, windows: Sequence[Window]) -> list[np.ndarray]:
-        """Run every window; returns each window's first output (float32), in input order.
+        """Run every window; returns each window's outputs (float32), in input order.
+
+        A variant with one output (``logits``) gives each window's row of it. A variant that names more outputs
+        (a text classifier's ``logits`` and its pooled ``embedding``, which abstention reads) gives each window
+        its rows joined along the last axis — ``logits ‖ embedding`` — and the task splits them by its label
+        count.
 
         Windows are sorted by length and batched, each batch padded to its own longest window (dynamic
         padding): a batch of short sentences does not pay for one long note.
@@ -292,10 +304,11 @@ class ModelSession:
                 types[row, :n] = windows[i].type_ids
             feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
             try:
-                (logits,) = self.session.run([self.variant.output_names[0]], {n: feed[n] for n in self.input_names})
+                got = self.session.run(self.output_names, {n: feed[n] for n in self.input_names})
             except Exception as exc:  # onnxruntime's own exception types
                 raise ProviderError(f"onnxruntime failed on a batch of {len(chunk)}×{width}: {exc}") from exc
-            logits = np.asarray(logits, dtype=np.float32)
+            parts = [np.asarray(g, dtype=np.float32) for g in got]
+            logits = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
             for row, i in enumerate(chunk):
                 results[i] = logits[row]
         return [r for r in results if r is not None]

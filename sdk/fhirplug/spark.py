@@ -12,6 +12,10 @@ bad record never stops the partition, and is reported next to the good ones.
 
 Needs the ``[spark]`` extra (pyspark) for :func:`predict_dataframe`; :func:`predict_rows` needs nothing more than
 the runtime.
+
+For whole Bulk Data exports written back as FHIR NDJSON (per-type files, OperationOutcome per bad line, a
+manifest, resumable), use :func:`fhirplug.bulk.score` / ``fhirplug score --engine spark`` instead: the same
+scoring on executors through ``mapInArrow``, with output identical to the local engine's.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -107,3 +108,100 @@ def test_every_window_of_a_long_training_text_trains(tiny_base: Path, tmp_path: 
     assert math.ceil(windows / 16) > math.ceil(len(splits.train) / 16)
     trained, _ = train(recipe, str(tiny_base), splits.train, splits.validation, progress=False)
     assert trained.steps == math.ceil(windows / recipe.training.batch_size)
+
+
+def _spy_fit(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Record every call of the one training loop: the task's model before training, per-epoch snapshots."""
+    import fhirplug_convert.trainer
+
+    real = fhirplug_convert.trainer.fit
+    calls: list[dict[str, Any]] = []
+
+    def spy(recipe: Any, task: Any, **options: Any) -> Any:
+        call: dict[str, Any] = {"before": _state(task.model), "epochs": []}
+        calls.append(call)
+        validate = task.validate
+
+        def recorded(module: torch.nn.Module) -> dict[str, float]:
+            values = validate(module)
+            call["epochs"].append({"values": values, "state": _state(module)})
+            return values
+
+        task.validate = recorded
+        return real(recipe, task, **options)
+
+    monkeypatch.setattr(fhirplug_convert.trainer, "fit", spy)
+    return calls
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "bitfit", "prompt-tuning"])
+def test_every_method_trains_through_the_one_loop(
+    method: str, tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fhirplug_convert.datasets import load_splits
+    from fhirplug_convert.finetune import train
+
+    calls = _spy_fit(monkeypatch)
+    recipe = load_recipe(write_recipe(tmp_path, tiny_base, method=method, training="max_steps = 3"))
+    splits = load_splits(recipe)
+    trained, _ = train(recipe, str(tiny_base), splits.train, splits.validation, progress=False)
+    (call,) = calls
+    assert trained.steps == 3 and len(trained.history) == 1 and trained.best_epoch == 1
+    assert set(trained.history[0]) == {"epoch", "step", "train_loss", "accuracy", "nll"}
+    after = _state(trained.module.model)  # the Hugging Face model inside the exportable module (LoRA merged)
+    assert not any("lora_" in name for name in after)
+
+    def moved(name: str) -> bool:
+        return not torch.equal(call["before"][name], after[name])
+
+    query = "bert.encoder.layer.0.attention.self.query"
+    assert moved("classifier.weight")
+    assert moved(f"{query}.weight") == (method in ("full", "lora"))  # LoRA: the merged adapters
+    assert moved(f"{query}.bias") == (method in ("full", "bitfit"))
+    if method == "prompt-tuning":
+        assert isinstance(trained.module, PromptTuningModel)
+        assert moved("bert.pooler.dense.weight") and not moved("bert.embeddings.word_embeddings.weight")
+
+
+def test_early_stopping_restores_the_best_epoch(
+    tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation peaks at epoch 2, then stays lower for ``early_stopping_patience`` (2) epochs: training stops
+    after epoch 4 and the module that comes back is epoch 2's, weights and validation score."""
+    import fhirplug_convert.trainer
+    from fhirplug_convert.datasets import load_splits
+    from fhirplug_convert.finetune import train
+
+    calls = _spy_fit(monkeypatch)
+    spied = fhirplug_convert.trainer.fit
+    scripted = iter([0.5, 0.9, 0.7, 0.6, 1.0, 1.0])
+    real: list[Any] = []  # the task's own validation, and what it scored each epoch
+
+    def scripted_fit(recipe: Any, task: Any, **options: Any) -> Any:
+        real.append(task.validate)
+
+        def validate(module: torch.nn.Module) -> dict[str, float]:
+            real.append(real[0](module))
+            return {"accuracy": next(scripted), "nll": 0.0}
+
+        task.validate = validate
+        return spied(recipe, task, **options)
+
+    monkeypatch.setattr(fhirplug_convert.trainer, "fit", scripted_fit)
+    path = write_recipe(tmp_path, tiny_base)
+    path.write_text(path.read_text().replace("early_stopping_patience = 8", "early_stopping_patience = 2"))
+    recipe = load_recipe(path)
+    splits = load_splits(recipe)
+    trained, _ = train(recipe, str(tiny_base), splits.train, splits.validation, progress=False)
+    (call,) = calls
+    assert [h["accuracy"] for h in trained.history] == [0.5, 0.9, 0.7, 0.6]  # 2 epochs without gain: stop
+    assert trained.best_epoch == 2 and trained.steps == 4 * trained.history[0]["step"]
+    epochs = call["epochs"]
+    restored = _state(trained.module)
+    assert all(torch.equal(restored[k], v) for k, v in epochs[1]["state"].items())  # epoch 2's weights
+    assert not all(torch.equal(restored[k], v) for k, v in epochs[3]["state"].items())  # not the last epoch's
+    assert real[0](trained.module) == real[2]  # so it scores on validation what epoch 2 scored

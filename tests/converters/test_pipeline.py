@@ -56,6 +56,7 @@ def test_every_method_builds_a_verified_bundle(built: ConvertResult) -> None:
     assert len(manifest.variant("fp32").providers) == 3
     assert sorted(manifest.files) == [
         "README.md",
+        "abstention.npz",
         "labels.json",
         "metrics.json",
         "parity.json",
@@ -104,7 +105,8 @@ def test_the_onnx_graph_is_fused_and_has_the_runtime_inputs(built: ConvertResult
         assert value.type.tensor_type.elem_type == onnx.TensorProto.INT64
         dims = [d.dim_param for d in value.type.tensor_type.shape.dim]
         assert dims == ["batch", "sequence"]
-    assert [o.name for o in model.graph.output] == ["logits"]
+    # logits, and the pooled vector the head reads (abstention's out-of-domain score)
+    assert [o.name for o in model.graph.output] == ["logits", "embedding"]
 
 
 def test_tokenizer_json_has_no_fixed_padding_or_truncation(built: ConvertResult) -> None:
@@ -155,6 +157,38 @@ def test_the_stored_test_split_rescored_by_the_runtime_gives_the_cards_metrics(b
         answer = np.array(truth)
         assert round(float((predicted == answer).mean()), 4) == round(expected["accuracy"], 4)
         assert round(_macro_f1(predicted, answer, len(names)), 4) == round(expected["macro_f1"], 4)
+
+
+def test_the_runtime_abstains_on_exactly_the_test_texts_the_card_counts(built: ConvertResult) -> None:
+    """The card's abstention rate on the test split (per variant) is what the runtime's own task computes from
+    the shipped abstention.npz and threshold; the calibration split was kept apart from model selection."""
+    import fhirplug
+
+    manifest = verify_bundle(built.bundle, allow_unsigned=True).manifest
+    spec = manifest.calibration.abstention
+    assert spec is not None and spec.output == "embedding" and spec.threshold > 0
+    assert all(v.output_names == ("logits", "embedding") for v in manifest.variants)
+    assert 0 < manifest.calibration.min_probability <= 0.5  # multi-class floor from the decision policy
+    facts = built.metrics["abstention"]
+    assert facts["threshold_choice"]["threshold"] == pytest.approx(spec.threshold, abs=1e-4)
+    assert [s["name"] for s in facts["out_of_domain_sets"]] == ["generic English (fhirplug)"]
+    assert built.metrics["splits"]["calibration"] >= 2
+    assert built.metrics["calibration"]["measured_on"] == "test"
+    split = json.loads((built.bundle / "test_split.json").read_text())
+    rows = list(csv.DictReader((built.bundle.parent / "notes.csv").read_text(encoding="utf-8").splitlines()))
+    texts = [rows[int(e["where"].partition(" row ")[2]) - 2]["text"] for e in split["examples"]]
+    for precision in ("fp32", "int8"):
+        plugin = fhirplug.load_plugin(built.bundle, allow_unsigned=True, variant=precision, provider="cpu")
+        windows, outputs = plugin._run(texts, range(len(texts)))
+        distances = plugin.task.distances(len(texts), windows, outputs)
+        rate = float((~(distances <= spec.threshold)).mean())
+        assert round(rate, 4) == facts["rates"][precision]["in-domain test"]["abstained"]
+        probs = plugin.task.scores(len(texts), windows, outputs)
+        refused = ~(distances <= spec.threshold) | (probs.max(axis=1) < manifest.calibration.min_probability)
+        np.testing.assert_array_equal(plugin.task.abstains(len(texts), windows, outputs), refused)
+        assert facts["answered"][precision]["answered"] == int((~refused).sum())
+    card = (built.bundle / "README.md").read_text()
+    assert "## Abstention (out-of-domain texts get no code)" in card and "## Decision policy" in card
 
 
 def test_int8_is_static_qdq_and_runs_as_fixed_scale_integer_kernels(built: ConvertResult) -> None:

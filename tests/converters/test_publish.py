@@ -33,11 +33,11 @@ def test_multilabel_duplicates_merge_their_labels() -> None:
     ]
 
 
-def test_multiclass_duplicates_must_agree() -> None:
+def test_multiclass_duplicates_carry_every_label_they_were_filed_under() -> None:
     merged, dropped = merge_duplicates([_ex("a", "1", row=2), _ex("a", "1", row=3)], multi_label=False)
-    assert (len(merged), dropped) == (1, 1)
-    with pytest.raises(ConvertError, match=r"row 3: the same text as data.csv row 2 with a different label"):
-        merge_duplicates([_ex("a", "1", row=2), _ex("a", "2", row=3)], multi_label=False)
+    assert (len(merged), dropped) == (1, 1) and merged[0].labels == ("1",)
+    merged, dropped = merge_duplicates([_ex("a", "1", row=2), _ex("a", "2", row=3)], multi_label=False)
+    assert dropped == 1 and [(e.labels, e.where) for e in merged] == [(("1", "2"), "data.csv row 2")]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,8 @@ def test_checkpoint_is_the_trained_model(full_bundle: tuple[Path, Path]) -> None
         logits = model(**tokenizer(text, return_tensors="pt")).logits[0].numpy()
     plugin = load_plugin(source, allow_unsigned=True, variant="fp32")
     windows = plugin.session.windows([text])
-    np.testing.assert_allclose(plugin.session.run(windows)[0], logits, atol=1e-4)
+    # The session gives logits ‖ embedding per window (abstention reads the embedding): compare the logits.
+    np.testing.assert_allclose(plugin.session.run(windows)[0][: len(logits)], logits, atol=1e-4)
 
 
 def test_from_checkpoint_packages_the_same_model_without_training(

@@ -169,7 +169,7 @@ def test_task_registry() -> None:
     spec = get_task("text-classification")
     assert list(spec.inputs) == ["input_ids", "attention_mask", "token_type_ids"]
     assert spec.inputs["input_ids"] == {0: "batch", 1: "sequence"}
-    assert (list(spec.outputs), spec.opset, spec.tolerance.max_abs_logit_diff) == (["logits"], 17, 1e-3)
+    assert (list(spec.outputs), spec.opset, spec.tolerance.max_abs_logit_diff) == (["logits", "embedding"], 17, 1e-3)
     with pytest.raises(ConvertError, match="unknown task 'ner'; known tasks: text-classification"):
         get_task("ner")
     with pytest.raises(ConvertError, match="registered twice"):

@@ -21,15 +21,16 @@ def test_demo_runs_the_examples(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["demo", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "matches the pin" in result.output
-    assert "every example yielded the codes its plugin card promises" in result.output
+    assert "every example yielded exactly the codes its plugin card promises" in result.output
     assert "latency: load + verify" in result.output
     bundle = json.loads(out.read_text())
     kinds = [e["resource"]["resourceType"] for e in bundle["entry"]]
     assert kinds.count("RiskAssessment") >= 4
     expected = json.loads((_demo.plugin_dir() / "expected.json").read_text())
-    for codes in expected.values():
-        for code in codes:
-            assert code in result.output
+    for notes in expected.values():
+        for codes in notes.values():
+            for code in codes:
+                assert code in result.output
 
 
 def _corrupt_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

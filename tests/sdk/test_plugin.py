@@ -38,7 +38,9 @@ def test_predict_document_reference(tiny_plugin) -> None:
     assert p.system == "http://snomed.info/sct"
     assert p.evidence.reference == "DocumentReference/note-1"
     assert p.evidence.element == "DocumentReference.content[0].attachment"
-    assert text[p.evidence.start : p.evidence.end] == text  # one window: the whole note
+    # The sentence whose removal lowers the probability most (occlusion), not the whole window.
+    assert text[p.evidence.start : p.evidence.end] == "Type 2 diabetes, elevated HbA1c on metformin."
+    assert p.details["evidence"] == "occlusion"
     assert 0.5 <= p.probability <= 1.0
 
 

@@ -96,12 +96,12 @@ import json
 import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from fhirplug.fhir.outcome import Issue
-from fhirplug.predictions import Prediction, TextSource
+from fhirplug.predictions import SNIPPET_CHARS, Evidence, Prediction, TextSource
 
 __all__ = [
     "AI_ASSERTED",
@@ -112,6 +112,7 @@ __all__ = [
     "AI_PROVENANCE_PROFILE",
     "ASSERTION_URL",
     "EVIDENCE_SPAN_URL",
+    "EXPLAINED_SPANS",
     "MODEL_CARD_URL",
     "PREDICTION_ID_SYSTEM",
     "ModelInfo",
@@ -121,8 +122,13 @@ __all__ = [
 ]
 
 #: Extension: the span of the source text that supports a prediction (sub-extensions source, element, start,
-#: end, snippet; start/end are character offsets into the decoded original text, end exclusive).
+#: end, snippet; start/end are character offsets into the decoded original text, end exclusive; contribution,
+#: when the span was found by occlusion: how much removing it lowers the code's probability). The first is the
+#: prediction's evidence; an explained prediction (``explain=True``) carries up to :data:`EXPLAINED_SPANS`,
+#: every one with a positive contribution, highest first.
 EVIDENCE_SPAN_URL = "https://fhirplug.dev/fhir/StructureDefinition/evidence-span"
+#: Most evidence spans written for one explained text-classification prediction.
+EXPLAINED_SPANS = 3
 #: Extension on entity resources: the assertion (sub-extensions negated, possible, historical as valueBoolean;
 #: subject as valueCode patient|family; coding-method as valueCode; coding-score as valueDecimal).
 ASSERTION_URL = "https://fhirplug.dev/fhir/StructureDefinition/assertion"
@@ -232,6 +238,22 @@ def _own_identifier(rid: str) -> list[dict[str, Any]]:
     return [{"system": PREDICTION_ID_SYSTEM, "value": rid}]
 
 
+def _evidences(prediction: Prediction) -> list[dict[str, Any]]:
+    """The evidence span, then (explained predictions) the next spans that raise the code's probability."""
+    spans = [_evidence(prediction)]
+    evidence = prediction.evidence
+    for part in prediction.details.get("explanation") or ():
+        if len(spans) >= EXPLAINED_SPANS or not part["contribution"] > 0:
+            break
+        if (part["start"], part["end"]) == (evidence.start, evidence.end):
+            continue
+        text = str(part["text"])
+        snippet = text if len(text) <= SNIPPET_CHARS else text[: SNIPPET_CHARS - 1].rstrip() + "…"
+        span = Evidence(evidence.reference, evidence.element, part["start"], part["end"], snippet, part["contribution"])
+        spans.append(_evidence(replace(prediction, evidence=span)))
+    return spans
+
+
 def _evidence(prediction: Prediction) -> dict[str, Any]:
     evidence = prediction.evidence
     parts: list[dict[str, Any]] = [{"url": "source", "valueReference": {"reference": evidence.reference}}]
@@ -246,6 +268,8 @@ def _evidence(prediction: Prediction) -> dict[str, Any]:
     snippet = _clean(evidence.snippet)
     if snippet.strip():
         parts.append({"url": "snippet", "valueString": snippet})
+    if evidence.contribution is not None:
+        parts.append({"url": "contribution", "valueDecimal": round(float(evidence.contribution), 4)})
     return {"url": EVIDENCE_SPAN_URL, "extension": parts}
 
 
@@ -290,7 +314,7 @@ def _base(p: Prediction, model: ModelInfo, kind: str, extensions: list[dict[str,
 
 
 def _risk_assessment(p: Prediction, model: ModelInfo, device: str, when: str, c: Mapping[str, str]) -> dict[str, Any]:
-    resource = _base(p, model, "RiskAssessment", [_evidence(p), _confidence(p)])
+    resource = _base(p, model, "RiskAssessment", [*_evidences(p), _confidence(p)])
     resource["identifier"] = _own_identifier(resource["id"])
     resource["status"] = "final"
     resource["method"] = {"text": f"fhirplug {model.name} {model.version} ({model.variant}, {model.provider})"}
@@ -314,7 +338,7 @@ _ENCOUNTER_DIAGNOSIS = [_status(_CONDITION_CATEGORY, "encounter-diagnosis", "Enc
 
 
 def _condition(p: Prediction, model: ModelInfo, when: str, c: Mapping[str, str]) -> dict[str, Any]:
-    resource = _base(p, model, "Condition", [_evidence(p), _confidence(p)])
+    resource = _base(p, model, "Condition", [*_evidences(p), _confidence(p)])
     resource["identifier"] = _own_identifier(resource["id"])
     resource["verificationStatus"] = _status(_VER_STATUS, "provisional", "Provisional")
     resource["category"] = copy.deepcopy(_ENCOUNTER_DIAGNOSIS)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from fhirplug.fhir.outcome import Issue
 from fhirplug.manifest import Manifest
 from fhirplug.predictions import Prediction, TextSource
 from fhirplug.session import Window
@@ -53,6 +54,13 @@ class Task(ABC):
         self, sources: Sequence[TextSource], windows: Sequence[Window], outputs: Sequence[np.ndarray]
     ) -> list[Prediction]:
         """Turn the per-window model outputs into coded predictions with evidence."""
+
+    def notices(
+        self, sources: Sequence[TextSource], windows: Sequence[Window], outputs: Sequence[np.ndarray]
+    ) -> list[tuple[TextSource, Issue]]:
+        """Informational issues about the texts, each with the source it is about: e.g. that the plugin
+        abstained on a text outside its domain and why. Default: none."""
+        return []
 
     @abstractmethod
     def scores(self, n_texts: int, windows: Sequence[Window], outputs: Sequence[np.ndarray]) -> np.ndarray:

@@ -8,21 +8,35 @@ this same rule, so the metrics in a model card are the runtime's metrics:
   used: with k classes the top probability can be under 0.5 and still be the answer).
 - multi-label: the max over windows of sigmoid(logits / T) (a code is present if any part of the note says
   so); every label at or above its threshold (per-label, else ``default_threshold``) is predicted.
+- a label in ``calibration.withheld`` (one the converter found unreliable) is never predicted; a multi-class
+  text whose top label is withheld gets no code.
 
 The evidence of a prediction is the window that gave that label its highest probability.
+
+Abstention (when the manifest's ``calibration`` says so): a text whose pooled embedding is farther than the
+calibrated Mahalanobis threshold from every class of the training data (:mod:`fhirplug._abstain`), or, for
+multi-class, whose top probability is below ``calibration.min_probability``, gets no code and an informational
+issue (:meth:`TextClassification.notices`) saying why, with the score.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fhirplug._abstain import Abstainer
 from fhirplug.errors import TaskError
+from fhirplug.fhir.outcome import Issue
 from fhirplug.manifest import Manifest
 from fhirplug.predictions import SNIPPET_CHARS, Evidence, Prediction, TextSource
 from fhirplug.session import Window
 from fhirplug.tasks.base import Task
+
+if TYPE_CHECKING:
+    from fhirplug.bundle import VerifiedBundle
 
 __all__ = ["TextClassification", "aggregate", "window_probabilities"]
 
@@ -50,6 +64,19 @@ def _snippet(source: TextSource, start: int, end: int) -> str:
     return text if len(text) <= SNIPPET_CHARS else text[: SNIPPET_CHARS - 1].rstrip() + "…"
 
 
+@dataclass(frozen=True)
+class _Text:
+    """One text's aggregated probabilities, per-window matrix, window indices and abstention."""
+
+    probs: np.ndarray
+    matrix: np.ndarray
+    members: list[int]
+    #: Mahalanobis distance of the text's mean window embedding (NaN: no abstention model).
+    distance: float = float("nan")
+    #: Why the plugin gives this text no code; None: it answers.
+    abstained: str | None = None
+
+
 class TextClassification(Task):
     name = "text-classification"
 
@@ -58,6 +85,23 @@ class TextClassification(Task):
         self.labels = manifest.outputs.labels
         self.multi_label = manifest.outputs.multi_label
         self.calibration = manifest.calibration
+        self.abstainer: Abstainer | None = None
+        if self.multi_label and self.calibration.min_probability > 0:
+            raise TaskError("calibration.min_probability is a multi-class floor; a multi-label plugin uses thresholds")
+
+    def load_files(self, bundle: VerifiedBundle) -> None:
+        spec = self.calibration.abstention
+        if spec is None:
+            return
+        if spec.file not in bundle.manifest.files:
+            raise TaskError(f"{bundle.path}: calibration.abstention names {spec.file}, which manifest.files lacks")
+        lacking = [v.file for v in bundle.manifest.variants if spec.output not in v.output_names]
+        if lacking:
+            raise TaskError(
+                f"{bundle.path}: calibration.abstention reads the model output {spec.output!r}, which variant(s) "
+                f"{lacking} do not name in output_names"
+            )
+        self.abstainer = Abstainer.from_bytes(bundle.read(spec.file), str(bundle.path / spec.file), spec.threshold)
 
     def check_model(self, output_shape: Sequence[int | str | None]) -> None:
         width = output_shape[-1] if output_shape else None
@@ -67,10 +111,20 @@ class TextClassification(Task):
                 f"the manifest); the model outputs {list(output_shape)}"
             )
 
-    def _per_text(
-        self, n_texts: int, windows: Sequence[Window], outputs: Sequence[np.ndarray]
-    ) -> list[tuple[np.ndarray, np.ndarray, list[int]]]:
-        """For each text: aggregated probabilities, the per-window matrix and the window indices."""
+    def _split(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """A window's logits and, with an abstention model, its embedding (``ModelSession.run`` joins them)."""
+        k = len(self.labels)
+        if self.abstainer is None:
+            return row[:k], None
+        if row.shape[-1] != k + self.abstainer.hidden:
+            raise TaskError(
+                f"the model gives {row.shape[-1]} values per window; {k} logits + {self.abstainer.hidden} "
+                "embedding values were expected (abstention.npz does not match the model)"
+            )
+        return row[:k], row[k:]
+
+    def _texts(self, n_texts: int, windows: Sequence[Window], outputs: Sequence[np.ndarray]) -> list[_Text]:
+        """Per text: probabilities, the window matrix, the window indices, and whether the plugin abstains."""
         groups: list[list[int]] = [[] for _ in range(n_texts)]
         for i, window in enumerate(windows):
             groups[window.text_index].append(i)
@@ -78,38 +132,86 @@ class TextClassification(Task):
         for members in groups:
             if not members:
                 empty = np.full(len(self.labels), np.nan)
-                out.append((empty, empty[None, :], members))
+                out.append(_Text(empty, empty[None, :], members))
                 continue
+            parts = [self._split(outputs[i]) for i in members]
             matrix = window_probabilities(
-                np.stack([outputs[i] for i in members]), self.calibration.temperature, self.multi_label
+                np.stack([logits for logits, _ in parts]), self.calibration.temperature, self.multi_label
             )
-            agg = aggregate(matrix, self.multi_label)
-            out.append((agg, matrix, members))
+            probs = aggregate(matrix, self.multi_label)
+            distance, why = float("nan"), None
+            if self.abstainer is not None:
+                embedding = np.stack([e for _, e in parts if e is not None]).mean(axis=0)
+                distance = float(self.abstainer.distances(embedding[None, :])[0])
+                if not distance <= self.abstainer.threshold:  # NaN abstains too
+                    why = (
+                        f"the text is outside this plugin's domain: Mahalanobis distance {distance:.2f} of its "
+                        f"embedding to the nearest class of the training data is above the calibrated "
+                        f"{self.abstainer.threshold:.2f}"
+                    )
+            floor = self.calibration.min_probability
+            if why is None and not self.multi_label and floor > 0 and float(probs.max()) < floor:
+                top = self.labels[int(np.argmax(probs))].label
+                why = (
+                    f"no code is likely enough: the top probability ({top}, {float(probs.max()):.3f}) is below "
+                    f"the plugin's floor {floor:.3f}"
+                )
+            out.append(_Text(probs, matrix, members, distance, why))
         return out
 
     def scores(self, n_texts: int, windows: Sequence[Window], outputs: Sequence[np.ndarray]) -> np.ndarray:
-        """``[n_texts, n_labels]`` aggregated probabilities; a text without windows (not run) is a row of NaN."""
+        """``[n_texts, n_labels]`` aggregated probabilities; a text without windows (not run) is a row of NaN.
+
+        Abstention does not change them (see :meth:`distances` and :meth:`abstains`)."""
         if n_texts == 0:
             return np.empty((0, len(self.labels)))
-        return np.stack([agg for agg, _, _ in self._per_text(n_texts, windows, outputs)])
+        return np.stack([t.probs for t in self._texts(n_texts, windows, outputs)])
+
+    def distances(self, n_texts: int, windows: Sequence[Window], outputs: Sequence[np.ndarray]) -> np.ndarray:
+        """``[n_texts]`` out-of-domain distances (NaN: no abstention model, or a text without windows)."""
+        return np.array([t.distance for t in self._texts(n_texts, windows, outputs)], dtype=np.float64)
+
+    def abstains(self, n_texts: int, windows: Sequence[Window], outputs: Sequence[np.ndarray]) -> np.ndarray:
+        """``[n_texts]`` booleans: the plugin gives this text no code (out of domain, or under the floor)."""
+        return np.array([t.abstained is not None for t in self._texts(n_texts, windows, outputs)], dtype=bool)
+
+    def notices(
+        self, sources: Sequence[TextSource], windows: Sequence[Window], outputs: Sequence[np.ndarray]
+    ) -> list[tuple[TextSource, Issue]]:
+        found = []
+        for source, text in zip(sources, self._texts(len(sources), windows, outputs), strict=True):
+            if text.members and text.abstained is not None:
+                issue = Issue(
+                    "information",
+                    "informational",
+                    f"{source.reference} {source.element}: no code predicted, the plugin abstained: {text.abstained}",
+                    (source.location or source.element,),
+                )
+                found.append((source, issue))
+        return found
 
     def _chosen(self, probs: np.ndarray) -> list[int]:
-        thresholds = self.calibration.thresholds
+        thresholds, withheld = self.calibration.thresholds, self.calibration.withheld
         if self.multi_label:
             default = self.calibration.default_threshold
-            return [k for k, spec in enumerate(self.labels) if probs[k] >= thresholds.get(spec.label, default)]
+            return [
+                k
+                for k, spec in enumerate(self.labels)
+                if spec.label not in withheld and probs[k] >= thresholds.get(spec.label, default)
+            ]
         top = int(np.argmax(probs))
         limit = thresholds.get(self.labels[top].label)
-        return [] if limit is not None and probs[top] < limit else [top]
+        if self.labels[top].label in withheld or (limit is not None and probs[top] < limit):
+            return []
+        return [top]
 
     def interpret(
         self, sources: Sequence[TextSource], windows: Sequence[Window], outputs: Sequence[np.ndarray]
     ) -> list[Prediction]:
         predictions = []
-        for source, (probs, matrix, members) in zip(
-            sources, self._per_text(len(sources), windows, outputs), strict=True
-        ):
-            if not members:
+        for source, text in zip(sources, self._texts(len(sources), windows, outputs), strict=True):
+            probs, matrix, members = text.probs, text.matrix, text.members
+            if not members or text.abstained is not None:
                 continue
             for k in self._chosen(probs):
                 best = windows[members[int(np.argmax(matrix[:, k]))]]
@@ -129,6 +231,7 @@ class TextClassification(Task):
                                 spec.label, self.calibration.default_threshold if self.multi_label else None
                             ),
                             "windows": len(members),
+                            **({} if np.isnan(text.distance) else {"ood_distance": round(text.distance, 4)}),
                         },
                     )
                 )

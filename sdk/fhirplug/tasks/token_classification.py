@@ -11,8 +11,10 @@ The steps, all in numpy:
    A span whose edge falls inside a word (a sub-word token) is widened to the whole word, so a span never cuts
    a word. Spans are character offsets into ``TextSource.text``, never duplicated. A span that is nothing but an
    assertion cue of the lexicon ("No") is dropped.
-3. **Coding** against the plugin's terminology (:mod:`fhirplug._coding`): exact → normalized → nearest
-   neighbour over character n-gram vectors, abstaining below ``entities.coding_threshold``.
+3. **Coding** against the plugin's terminology (:mod:`fhirplug._coding`): exact → normalized → abbreviation (a
+   short form defined in the same note, "Parkinson's disease (PD)", coded as its long form; see
+   :mod:`fhirplug._abbrev`) → nearest neighbour over character n-gram vectors, abstaining below
+   ``entities.coding_threshold``. Set ``plugin.task.resolve_abbreviations = False`` to code mentions alone.
 4. **Assertion** (:mod:`fhirplug._assertion`): negated, possible, historical, hypothetical, family/other subject,
    with the lexicon shipped in the bundle. Replace it with ``plugin.task.lexicon = Lexicon.load(path)``.
 
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fhirplug._abbrev import abbreviations
 from fhirplug._assertion import Lexicon, assert_spans
 from fhirplug._coding import ConceptIndex
 from fhirplug.errors import TaskError
@@ -177,6 +180,8 @@ class TokenClassification(Task):
         self.index: ConceptIndex | None = None
         #: The assertion lexicon in use; replace it to change the triggers.
         self.lexicon: Lexicon = Lexicon.default()
+        #: Code a short form defined in its note ("Parkinson's disease (PD)" … "PD") as its long form.
+        self.resolve_abbreviations: bool = True
 
     def load_files(self, bundle: VerifiedBundle) -> None:
         entities = self.entities
@@ -229,9 +234,10 @@ class TokenClassification(Task):
         predictions = []
         for source, spans in zip(sources, self.spans(texts, windows, outputs), strict=True):
             assertions = assert_spans(source.text, [(s.start, s.end) for s in spans], self.lexicon)
+            defined = abbreviations(source.text) if spans and self.resolve_abbreviations else None
             for span, assertion in zip(spans, assertions, strict=True):
                 mention = source.text[span.start : span.end]
-                coding = self.index.code(mention, span.type) if self.index is not None else None
+                coding = self.index.code(mention, span.type, defined) if self.index is not None else None
                 coded = coding is not None and coding.code is not None
                 start, end = source.to_original(span.start, span.end)
                 entity = Entity(
@@ -261,6 +267,7 @@ class TokenClassification(Task):
                         evidence=Evidence(source.reference, source.element, start, end, _snippet(source, start, end)),
                         details={
                             "matched": coding.matched if coding is not None else None,
+                            **({"long_form": coding.long_form} if coding is not None and coding.long_form else {}),
                             "triggers": list(assertion.triggers),
                         },
                         entity=entity,
