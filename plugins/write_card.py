@@ -12,6 +12,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import fhirplug
 
@@ -29,8 +30,18 @@ def main(name: str, build: str, command: str) -> None:
         for p in plugin.predict_files([path]).predictions:
             rows.append(f"| {path.name} | {p.code} | {p.display} | {p.probability:.3f} |")
     expected = json.loads((folder / "expected.json").read_text())
+    baseline = folder / "baseline.json"
+    if baseline.is_file():
+        built = json.loads((Path(build) / "metrics.json").read_text())
+        card += _baseline_section(json.loads(baseline.read_text()), built)
     card += "\n## Example inputs (committed int8 bundle)\n\n" + "\n".join(rows) + "\n\n"
     card += f"`expected.json` promises: {json.dumps(expected)} (checked by tests/plugins/test_first_party.py).\n"
+    misses = folder / "known_misses.json"
+    if misses.is_file():
+        card += "\nKnown misses on the examples (`known_misses.json`, checked to still be exactly these):\n\n"
+        for example, notes in json.loads(misses.read_text()).items():
+            for ref, entry in notes.items():
+                card += f"- {example} {ref}: {entry['why']}\n"
     card += (
         "\n## Reproduce\n\nFrom the repository root, with the train extra and the offline base model installed "
         "(see the top-level README), and ../shared/data beside the checkout:\n\n```bash\n"
@@ -41,6 +52,33 @@ def main(name: str, build: str, command: str) -> None:
     )
     (folder / "README.md").write_text(card, encoding="utf-8")
     print(f"wrote {folder / 'README.md'}")
+
+
+def _baseline_section(baseline: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """The TF-IDF + logistic-regression baseline on the same split (plugins/<name>/baseline.py), beside the model."""
+    test = baseline["test"]
+    lines = [
+        "",
+        "## Baseline on the same split",
+        "",
+        f"{baseline['model']} (scikit-learn {baseline['scikit_learn']}, C chosen on validation), "
+        f"`python plugins/{Path(baseline['recipe']).parent.name}/baseline.py`:",
+        "",
+        "| model | test top-1 accuracy | macro-F1 |",
+        "|---|---:|---:|",
+        f"| TF-IDF + logistic regression | {test['top1_accuracy']:.4f} | {test['macro_f1']:.4f} |",
+    ]
+    beaten = []
+    for precision, values in metrics["test"].items():
+        top1 = values.get("top1_accuracy", values.get("accuracy"))
+        lines.append(f"| this plugin, {precision} | {top1:.4f} | {values['macro_f1']:.4f} |")
+        beaten.append(top1 > test["top1_accuracy"] and values["macro_f1"] > test["macro_f1"])
+    verdict = (
+        "The transformer beats the baseline on both metrics."
+        if all(beaten)
+        else "The transformer does NOT beat the baseline on both metrics: a TF-IDF model does as well here."
+    )
+    return "\n".join([*lines, "", verdict, ""])
 
 
 if __name__ == "__main__":

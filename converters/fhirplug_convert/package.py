@@ -416,8 +416,9 @@ def render_model_card(recipe: Recipe, content: BundleContent, fused: Mapping[str
         lines += [
             "",
             f"int8 is mixed precision: full int8 failed the gate ({'; '.join(full.get('reasons', []))}), so the "
-            f"converter searched for the fewest MatMuls to keep in fp32 (each encoder layer, then each MatMul of "
-            f"the best layer) and ships the best passing candidate: {', '.join(mixed['kept_fp32'])} in fp32, "
+            f"converter searched for the fewest MatMuls to keep in fp32 (the Attention-fused graph's Q/K/V, then "
+            f"each encoder layer, then each MatMul of the best layer) and ships the first passing candidate: "
+            f"{', '.join(mixed['kept_fp32'])} in fp32, "
             f"everything else int8.",
         ]
     left_out = content.parity.get("failed", [])

@@ -258,6 +258,10 @@ def training_record(
     }
 
 
+#: What the card says of the full-int8 attempt that failed the gate.
+_FAILED_FACTS = ("metric_drop_points", "agreement", "max_abs_logit_diff", "reasons")
+
+
 def _int8_fallback(
     fp32: Path,
     work: Path,
@@ -269,10 +273,12 @@ def _int8_fallback(
 ) -> tuple[Path, list[np.ndarray], dict[str, Any]] | None:
     """Mixed-precision int8 after full int8 failed the gate: as few MatMuls as possible kept in fp32.
 
-    First each encoder layer's MatMuls are kept fp32 in turn (a quantize + a validation pass each, seconds for
-    MiniLM); the passing layer with the smallest metric drop (then the highest agreement) is chosen. Then each
-    single MatMul of that layer is tried alone: a passing one is preferred (a smaller, faster model). The report
-    entry says which nodes stayed fp32 and what full int8 measured. None when nothing passes (the gate fails).
+    When int8 was made from the graph without the Attention fusion, the Attention-fused graph (Q/K/V projections
+    fp32) is tried first. Then each encoder layer's MatMuls are kept fp32 in turn (a quantize + a validation pass
+    each, seconds for MiniLM); the passing layer with the smallest metric drop (then the highest agreement) is
+    chosen. Then each single MatMul of that layer is tried alone: a passing one is preferred (a smaller, faster
+    model). The report entry says which nodes stayed fp32 and what full int8 measured. None when nothing passes
+    (the gate fails).
     ``judge`` is the task's parity verdict on a variant's validation outputs (:meth:`_Task.compare`).
     """
 
@@ -292,6 +298,21 @@ def _int8_fallback(
         passing = [t for t in tries if t[3]["status"] == "passed"]
         return min(passing, key=lambda t: t[0]) if passing else None
 
+    if int8.source is not None:
+        # First the Attention-fused graph, whose Q/K/V projections stay fp32 (slower, closer to fp32).
+        fused = Int8Quantizer(int8.mode, int8.feeds)
+        path = work / "model.int8.fused-attention.onnx"
+        fused.quantize(fp32, path)
+        notes = score_path(path)
+        entry = judge(notes)
+        say(
+            f"int8 fallback, Attention Q/K/V kept fp32: {entry['metric']} drop {entry['metric_drop_points']:.2f} "
+            f"points, agreement {entry['agreement']:.4f} ({entry['status']})"
+        )
+        if entry["status"] == "passed":
+            entry["mixed_precision"] = {"kept_fp32": ["Attention Q/K/V projections (fused Attention)"]}
+            entry["mixed_precision"]["full_int8"] = {k: failed[k] for k in _FAILED_FACTS if k in failed}
+            return path, notes, entry
     layers = quantize.layer_matmuls(int8.source or fp32)
     skip = set(quantize.activation_matmuls(int8.source or fp32))
     layers = {layer: [n for n in nodes if n not in skip] for layer, nodes in layers.items()}
@@ -303,9 +324,7 @@ def _int8_fallback(
         single = best_of([attempt(node.strip("/").replace("/", "."), [node]) for node in layer_nodes])
         chosen = single or chosen
     _, path, notes, entry = chosen
-    entry["mixed_precision"]["full_int8"] = {
-        k: failed[k] for k in ("metric_drop_points", "agreement", "max_abs_logit_diff", "reasons") if k in failed
-    }
+    entry["mixed_precision"]["full_int8"] = {k: failed[k] for k in _FAILED_FACTS if k in failed}
     return path, notes, entry
 
 

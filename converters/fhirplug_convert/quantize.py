@@ -6,9 +6,10 @@ depend on the other notes in its batch. Dynamic int8 quantizes activations per c
 batch, so a note's probabilities move with its batch-mates (issue 11 measured Δp up to 0.04) and the card's
 metrics were only the runtime's at the converter's exact batching.
 
-On the BERT-fused graph static int8 covers the MatMuls (feed-forward up and down, attention output): their inputs
-are quantized with calibrated constants and onnxruntime runs each as MatMulIntegerToFloat (see
-:func:`runtime_op_counts`). The fused Attention (its QKV projection),
+The int8 variant is made from a graph fused without the Attention fusion (``export.optimize_onnx(...,
+attention=False)``): static int8 covers its weight MatMuls (Q/K/V projections, attention output, feed-forward up and
+down), whose inputs are quantized with calibrated constants and which onnxruntime runs as MatMulIntegerToFloat (see
+:func:`runtime_op_counts`). The attention products (Q·Kᵀ, softmax·V: two activations, :func:`activation_matmuls`),
 LayerNorm, GELU and softmax stay fp32, as do the pooler and classifier Gemms: they see one row per window (about
 0.1 % of the FLOPs), and their error lands on the logits directly (measured on the tiny test model: quantizing them
 doubled the largest |Δlogit| vs fp32 and flipped a validation decision). Calibration is MinMax: onnxruntime's
@@ -24,8 +25,8 @@ agreement on 150 held-out windows. So the converter keeps onnxruntime's ``quanti
 None of the other static options measured by ``python benchmarks/int8_speed.py`` (``results/int8_speed.json``)
 beats them at equal accuracy: ``WeightSymmetric=False`` and ``QDQKeepRemovableActivations`` give this very graph,
 ``ActivationSymmetric`` and QOperator format run no faster with a larger |Δlogit|, int8 (S8S8) activations run
-1.7× slower. What did run faster (1.4× at 1×128, same |Δlogit|) is a graph fused *without* the Attention fusion,
-whose QKV projections then quantize too; that needs a second fusion of the export, not an option here.
+1.7× slower. What did run faster (1.4× at 1×128, same |Δlogit|) is the graph fused *without* the Attention
+fusion, whose QKV projections then quantize too: that is the int8 source graph the pipeline uses.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ biomedical text", PSB 2003), in plain Python:
    digit. Statistical and reference asides ("(p < 0.05)", "(n = 12)", "(Figure 2)") fail these or step 3.
 3. The long form is the shortest suffix of the words before the parenthesis (at most min(|SF| + 5, 2 |SF|) words)
    in which the short form's letters and digits are found in order, matched right to left, the first one at the
-   start of a word. A long form no longer than the short form, or one that contains the short form as a word, is
-   no definition.
+   start of a word. A long form no longer than the short form, or one that contains the short form as a word or
+   in parentheses ("word (xy) word (xy)" defines nothing), is no definition.
 
 Only the first definition of a short form in a text counts (later ones are usually re-uses). This module is
 stdlib-only; :class:`fhirplug.tasks.token_classification.TokenClassification` uses it to code a mention that is a
@@ -21,6 +21,7 @@ short form defined in its own note as the long form's concept.
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 
@@ -30,6 +31,11 @@ __all__ = ["Abbreviation", "abbreviations", "find_abbreviations"]
 _SENTENCE_END = re.compile(r"[.!?;]\s|\n")
 #: Characters that make a parenthetical an expression, not a short form ("p=0.05", "n>10").
 _EXPRESSION = frozenset("=<>±≤≥")
+#: The most characters before a parenthesis a long form is looked for in (at most 15 words of it are read; a
+#: longer reach only made every parenthesis of a long sentence cost the whole sentence: quadratic time).
+_LONG_FORM_CHARS = 400
+_NON_SPACE = re.compile(r"\S")
+_SHORT_FORM_CHARS = 10
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,11 @@ def _pair(text: str, short: str, short_start: int, window_start: int, window_end
     if not _valid_short_form(short):
         return None
     letters = sum(c.isalnum() for c in short)
+    if window_end - window_start > _LONG_FORM_CHARS:  # read only the end, from a word's start
+        cut = window_end - _LONG_FORM_CHARS
+        while cut < window_end and not text[cut - 1].isspace():
+            cut += 1
+        window_start = cut
     words = list(re.finditer(r"\S+", text[window_start:window_end]))
     if not words:
         return None
@@ -93,6 +104,7 @@ def _pair(text: str, short: str, short_start: int, window_start: int, window_end
     if (
         len(long) <= len(short)
         or f"{short} " in long
+        or f"({short}" in long  # "word (xy) word (xy)": the first use is no part of a definition of the second
         or long.endswith(short)
         or long_words > letters * 2
         or long_words > letters + 5
@@ -102,8 +114,13 @@ def _pair(text: str, short: str, short_start: int, window_start: int, window_end
 
 
 def find_abbreviations(text: str) -> list[Abbreviation]:
-    """Every abbreviation definition in ``text``, in order (a short form may appear more than once here)."""
+    """Every abbreviation definition in ``text``, in order (a short form may appear more than once here).
+
+    Linear in the text's length (each parenthesis looks at a bounded stretch before it), whatever it holds.
+    """
     found: list[Abbreviation] = []
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    heads: dict[int, int] = {}  # sentence start → its first non-space character (found once per sentence)
     position = 0
     while True:
         opened = text.find("(", position)
@@ -112,25 +129,33 @@ def find_abbreviations(text: str) -> list[Abbreviation]:
         closed = text.find(")", opened + 1)
         if closed < 0:
             return found
-        position = opened + 1
         inner = text[opened + 1 : closed]
-        if "(" in inner:  # nested: look again from the inner parenthesis
+        nested = inner.rfind("(")
+        if nested >= 0:  # nested: look again from the innermost parenthesis before this ")"
+            position = opened + 1 + nested
             continue
-        sentence = 0
-        for match in _SENTENCE_END.finditer(text, 0, opened):
-            sentence = match.end()
+        position = opened + 1
+        at = bisect.bisect_right(ends, opened) - 1
+        sentence = ends[at] if at >= 0 else 0
         cut = min((i for i in (inner.find(";"), inner.find(",")) if i >= 0), default=len(inner))
         short = inner[:cut].strip()
         short_start = opened + 1 + (len(inner[:cut]) - len(inner[:cut].lstrip()))
         pair = _pair(text, short, short_start, sentence, opened)
-        if pair is None and (len(inner.split()) > 2 or len(inner.strip()) > len(text[sentence:opened].strip())):
+        stop = opened  # the end of the text before the parenthesis, without trailing whitespace
+        while stop > sentence and text[stop - 1].isspace():
+            stop -= 1
+        if pair is None and sentence not in heads:
+            head = _NON_SPACE.search(text, sentence)
+            heads[sentence] = head.start() if head else len(text)
+        before = max(stop - heads.get(sentence, stop), 0)  # len(text[sentence:opened].strip())
+        if pair is None and (len(inner.split()) > 2 or len(inner.strip()) > before):
             # "SF (long form)": the word before the parenthesis is the short form, and it holds a capital.
-            before = text[sentence:opened].rstrip()
-            word_start = sentence + max(before.rfind(" "), -1) + 1
-            word = text[word_start : sentence + len(before)]
-            if any(c.isupper() for c in word):
-                swapped = _pair(text, word, word_start, opened + 1, closed)
-                pair = swapped
+            word_start = stop
+            while word_start > sentence and text[word_start - 1] != " " and stop - word_start <= _SHORT_FORM_CHARS:
+                word_start -= 1
+            word = text[word_start:stop]
+            if (word_start == sentence or text[word_start - 1] == " ") and any(c.isupper() for c in word):
+                pair = _pair(text, word, word_start, opened + 1, closed)
         if pair is not None:
             found.append(pair)
             position = closed + 1

@@ -18,12 +18,39 @@ held-out out-of-domain sets.
 
 from __future__ import annotations
 
-import numpy as np
+import io
+import zipfile
 
-from fhirplug._coding import _load_npz
+import numpy as np
+from numpy.lib import format as npy_format
+
+from fhirplug._coding import MAX_VECTORS_BYTES, _load_npz
 from fhirplug.errors import TaskError
 
 __all__ = ["Abstainer"]
+
+
+def _check_declared(data: bytes, source: str) -> None:
+    """Refuse an archive whose ``.npy`` headers declare more than :data:`MAX_VECTORS_BYTES` of arrays, before
+    numpy allocates them (``np.load`` sizes the array from the header, whatever bytes follow it)."""
+    total = 0
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as member:
+                    version = npy_format.read_magic(member)
+                    if version == (1, 0):
+                        shape, _, dtype = npy_format.read_array_header_1_0(member)
+                    else:
+                        shape, _, dtype = npy_format.read_array_header_2_0(member)
+                total += int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if total > MAX_VECTORS_BYTES:
+                    raise TaskError(
+                        f"{source}: not a usable abstention file (its arrays declare more than the "
+                        f"{MAX_VECTORS_BYTES:,} bytes allowed)"
+                    )
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, TypeError) as exc:
+        raise TaskError(f"{source}: not a usable abstention file (not an .npz archive of plain arrays: {exc})") from exc
 
 
 class Abstainer:
@@ -42,6 +69,7 @@ class Abstainer:
         Raises:
             TaskError: not an .npz of the two float arrays, or their shapes do not fit together.
         """
+        _check_declared(data, source)
         try:
             arrays = _load_npz(data, source)
         except TaskError as exc:

@@ -57,7 +57,9 @@ MAX_WINDOWS = 4
 #: Where a sentence ends: a run of . ! ? ; (with closing quotes or brackets) followed by whitespace or the end,
 #: or a line break. "7.2" and "e.g.x" do not end one; "Dr. Smith" does (no abbreviation list: simple, and a
 #: short extra segment costs one occluded copy, not a wrong answer).
-_END = re.compile(r"[.!?;]+[)\]\"'”’»]*(?=\s|$)|\n")
+#: A run is tried only from its first mark and never given back (possessive), so a run of marks with no space
+#: after it ("......x") costs its length once, not its length squared.
+_END = re.compile(r"(?<![.!?;])[.!?;]++[)\]\"'”’»]*+(?=\s|$)|\n")
 
 #: ``(predictions, model text by id(source), windows the input may still spend)``: one input of a call.
 ExplainGroup = tuple[Sequence[Prediction], Mapping[int, str], int]

@@ -13,6 +13,10 @@ from tests.conftest import TINY_PLUGIN
 from tests.sdk.helpers import document_reference
 
 DIABETES = "Follow up visit. Type 2 diabetes, elevated HbA1c on metformin."
+# pyspark leaves a py4j socket open at session stop; it is not ours to close.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning"
+)
 ROWS = [
     ("r1", json.dumps(document_reference(DIABETES, id_="n1"))),
     ("r2", "{not json"),
@@ -29,7 +33,9 @@ def test_every_good_row_is_predicted_and_every_bad_one_reported() -> None:
     assert set(problems) == {"r2", "r3"}
     assert problems["r2"]["issue_code"] == "structure" and problems["r3"]["issue_code"] == "required"
     good = next(r for r in out if r["key"] == "r1")
-    assert DIABETES[good["start"] : good["end"]] == DIABETES and 0.0 < good["probability"] <= 1.0
+    # The evidence is the sentence that drives the code (occlusion), with offsets into the note.
+    assert DIABETES[good["start"] : good["end"]] == "Type 2 diabetes, elevated HbA1c on metformin."
+    assert 0.0 < good["probability"] <= 1.0
     fields = [f.strip().split(" ")[0] for f in OUTPUT_SCHEMA.split(",")]
     assert all(list(r) == fields for r in out)
 

@@ -178,66 +178,96 @@ def score(
     for file in files:
         hash_and_chunk(file, chunk_lines, budget.max_request_bytes)
     key = _run_key(bundle.manifest_sha256, choice.variant.precision, spec, budget, chunk_lines, files)
-    state = RunState.open(Path(out), key, transaction_time, restart)
     try:
-        if state.complete:
-            manifest = json.loads((state.out / "manifest.json").read_bytes())
-            return ScoreResult._from(state.out, manifest, already_complete=True)
-        finished = state.finished()
-        pending = {i: [c for c in f.chunks if (i, c.index) not in finished] for i, f in enumerate(files) if f.scored}
-        total = sum(c.lines for i in pending for c in files[i].chunks)
-        done_lines = sum(c.lines for i in pending for c in files[i].chunks if (i, c.index) in finished)
-        resumed = sum(1 for i in pending for c in files[i].chunks if (i, c.index) in finished)
-        show = Progress(total, done_lines, enabled=progress if progress is not None else _tty())
-        sizes = {(i, c.index): c.lines for i in pending for c in files[i].chunks}
-
-        def done(file_index: int, chunk_index: int, counts: dict[str, Any]) -> None:
-            state.record(file_index, chunk_index, counts)
-            finished[file_index, chunk_index] = counts
-            show.update(sizes.get((file_index, chunk_index), 0), int(counts["notes"]))
-
-        try:
-            if engine == "local":
-                from fhirplug.bulk._local import run_local
-
-                run_local(state, files, pending, spec, workers=workers, limit=budget.max_request_bytes, done=done)
-            else:
-                from fhirplug.bulk._spark import run_spark
-
-                master = spark_master if spark_master or spark is not None else None
-                run_spark(
-                    state,
-                    files,
-                    pending,
-                    spec,
-                    limit=budget.max_request_bytes,
-                    done=done,
-                    spark=spark,
-                    master=master or (None if _active_spark() else f"local[{workers}]"),
-                )
-        finally:
-            show.close()
-        order = [(i, c.index) for i in sorted(pending) for c in files[i].chunks]
-        missing = [k for k in order if k not in finished]
-        if missing:
-            raise UsageError(
-                f"{len(missing)} chunk(s) were not scored (first: file {missing[0][0]}, chunk {missing[0][1]})"
-            )
-        counts = state.merge(order, SHARED_TYPES)
-        manifest = _manifest(
-            state,
-            bundle.manifest.name,
-            bundle.manifest.version,
-            bundle.manifest_sha256,
-            choice.variant.precision,
-            files,
-            [finished[k] for k in order],
-            counts,
+        state = RunState.open(Path(out), key, transaction_time, restart)
+    except OSError as exc:  # a read-only or full folder, a file where the state folder belongs …
+        raise UsageError(f"--out {out}: cannot be written ({exc.strerror or exc})") from exc
+    try:
+        return _run(
+            state, bundle, choice.variant.precision, spec, files, engine, workers, progress, spark, spark_master
         )
-        state.finish(manifest)
-        return ScoreResult._from(state.out, manifest, resumed_chunks=resumed)
+    except OSError as exc:  # a full disk, a folder made read-only, an input deleted mid-run …
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise UsageError(
+            f"--out {out}: the run stopped on an I/O error: {exc.strerror or exc}{where}; the chunks finished so "
+            "far are kept: fix it and re-run the same command to resume"
+        ) from exc
     finally:
         state.close()
+
+
+def _run(
+    state: RunState,
+    bundle: Any,
+    precision: str,
+    spec: PluginSpec,
+    files: list[InputFile],
+    engine: str,
+    workers: int,
+    progress: bool | None,
+    spark: Any,
+    spark_master: str | None,
+) -> ScoreResult:
+    """The run once its state is open: score the pending chunks, merge, write the manifest."""
+    budget = spec.budget or DEFAULT_BUDGET
+    if state.complete:
+        manifest = json.loads((state.out / "manifest.json").read_bytes())
+        return ScoreResult._from(state.out, manifest, already_complete=True)
+    finished = state.finished()
+    pending = {i: [c for c in f.chunks if (i, c.index) not in finished] for i, f in enumerate(files) if f.scored}
+    total = sum(c.lines for i in pending for c in files[i].chunks)
+    done_lines = sum(c.lines for i in pending for c in files[i].chunks if (i, c.index) in finished)
+    resumed = sum(1 for i in pending for c in files[i].chunks if (i, c.index) in finished)
+    show = Progress(total, done_lines, enabled=progress if progress is not None else _tty())
+    sizes = {(i, c.index): c.lines for i in pending for c in files[i].chunks}
+
+    def done(file_index: int, chunk_index: int, counts: dict[str, Any]) -> None:
+        state.record(file_index, chunk_index, counts)
+        finished[file_index, chunk_index] = counts
+        show.update(sizes.get((file_index, chunk_index), 0), int(counts["notes"]))
+
+    try:
+        if engine == "local":
+            from fhirplug.bulk._local import run_local
+
+            run_local(state, files, pending, spec, workers=workers, limit=budget.max_request_bytes, done=done)
+        else:
+            from fhirplug.bulk._spark import run_spark
+
+            master = spark_master if spark_master or spark is not None else None
+            run_spark(
+                state,
+                files,
+                pending,
+                spec,
+                limit=budget.max_request_bytes,
+                done=done,
+                spark=spark,
+                master=master or (None if _active_spark() else f"local[{workers}]"),
+            )
+    finally:
+        show.close()
+    order = [(i, c.index) for i in sorted(pending) for c in files[i].chunks]
+    for file in files:  # every input is still the file that was hashed (the run's identity says so)
+        file.check_unchanged()
+    missing = [k for k in order if k not in finished]
+    if missing:
+        raise UsageError(
+            f"{len(missing)} chunk(s) were not scored (first: file {missing[0][0]}, chunk {missing[0][1]})"
+        )
+    counts = state.merge(order, SHARED_TYPES)
+    manifest = _manifest(
+        state,
+        bundle.manifest.name,
+        bundle.manifest.version,
+        bundle.manifest_sha256,
+        precision,
+        files,
+        [finished[k] for k in order],
+        counts,
+    )
+    state.finish(manifest)
+    return ScoreResult._from(state.out, manifest, resumed_chunks=resumed)
 
 
 def _tty() -> bool:

@@ -62,6 +62,8 @@ class InputFile:
         sha256, size: of the bytes on disk.
         lines: non-empty lines.
         chunks: the chunks of lines, in order (scored files only).
+        identity: the file's device, inode, size, mtime and ctime when it was hashed: a file that differs later
+            (rewritten, appended to, replaced) is refused rather than scored as bytes other than those hashed.
     """
 
     path: Path
@@ -73,6 +75,27 @@ class InputFile:
     size: int = 0
     lines: int = 0
     chunks: list[Chunk] = field(default_factory=list)
+    identity: tuple[int, ...] = ()
+
+    def check_unchanged(self, strict: bool = True) -> None:
+        """Raise UsageError when the file on disk is no longer the one that was hashed (``strict=False``: by size
+        and mtime only, which another machine of a cluster sees the same)."""
+        try:
+            info = self.path.stat()
+        except OSError as exc:
+            raise UsageError(
+                f"{self.label}: changed during the run ({exc.strerror or exc}); re-run to score it"
+            ) from exc
+        now = _identity(info)
+        if self.identity and (now != self.identity if strict else now[2:4] != self.identity[2:4]):
+            raise UsageError(
+                f"{self.label}: changed during the run (it is not the file that was hashed); the chunks finished "
+                "so far are kept, but its outputs would mix two versions: re-run the same command once it is whole"
+            )
+
+
+def _identity(info: os.stat_result) -> tuple[int, ...]:
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 def _is_resource_type(word: str) -> bool:
@@ -107,12 +130,33 @@ def _regular(path: Path, given: str) -> os.stat_result:
     return info
 
 
-def _export_manifest(path: Path, given: str) -> list[tuple[Path, str | None]]:
-    """The files a Bulk Data export manifest lists (``output[].url``, found beside it by file name), with types."""
+def _read_json(path: Path, given: str) -> Any:
+    """A JSON file of at most :data:`_MANIFEST_BYTES`, opened without following a link or blocking on a pipe."""
     try:
-        manifest = json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise UsageError(f"{given}: cannot read the Bulk Data export manifest ({exc.strerror or exc})") from exc
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"{given}: the Bulk Data export manifest is not a regular file")
+        data = handle.read(_MANIFEST_BYTES + 1)
+    if len(data) > _MANIFEST_BYTES:
+        raise UsageError(f"{given}: the Bulk Data export manifest is over {_MANIFEST_BYTES:,} bytes")
+    try:
+        return json.loads(data)
+    except RecursionError as exc:
+        raise UsageError(f"{given}: the Bulk Data export manifest is nested too deeply to be a manifest") from exc
+    except ValueError as exc:
         raise UsageError(f"{given}: cannot read the Bulk Data export manifest ({exc})") from exc
+
+
+def _export_manifest(path: Path, given: str) -> list[tuple[Path, str | None]]:
+    """The files a Bulk Data export manifest lists (``output[].url``, found beside it by file name), with types.
+
+    The manifest is input from a server: each url's last segment must name a regular file in the manifest's own
+    folder (no ``..``, no encoded ``/``, no link, pipe or device).
+    """
+    manifest = _read_json(path, given)
     outputs = manifest.get("output") if isinstance(manifest, dict) else None
     if not isinstance(outputs, list):
         raise UsageError(f"{given}: not a Bulk Data export manifest (expected an object with an 'output' array)")
@@ -124,9 +168,21 @@ def _export_manifest(path: Path, given: str) -> list[tuple[Path, str | None]]:
             raise UsageError(f"{given}: output[{i}] has no url")
         # A downloaded export keeps the server's file names; the URL's last segment is the local file.
         name = unquote(urlparse(url).path.rsplit("/", 1)[-1])
+        if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+            raise UsageError(f"{given}: output[{i}] url {url[:200]!r} does not end in a file name in the export folder")
         local = path.parent / name
-        if not local.is_file():
-            raise UsageError(f"{given}: output[{i}] is {url}, but {local} does not exist; download the export first")
+        try:
+            info = local.lstat()
+        except OSError as exc:
+            raise UsageError(
+                f"{given}: output[{i}] is {url[:200]}, but {local} does not exist; download the export first"
+            ) from exc
+        if not stat.S_ISREG(info.st_mode):
+            what = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a regular file"
+            raise UsageError(
+                f"{given}: output[{i}] names {local}, which is {what}; an export's files are read only "
+                "as regular files in its folder"
+            )
         found.append((local, kind if isinstance(kind, str) and kind else None))
     return found
 
@@ -136,7 +192,7 @@ def _listed(given: str) -> list[tuple[Path, str | None]]:
     info = _regular(path, given)
     if stat.S_ISDIR(info.st_mode):
         manifest = path / "manifest.json"
-        if manifest.is_file():
+        if manifest.is_symlink() or manifest.exists():
             return _export_manifest(manifest, str(manifest))
         files = sorted(p for p in path.iterdir() if p.name.endswith(_SUFFIXES) and p.is_file())
         if not files:
@@ -145,7 +201,7 @@ def _listed(given: str) -> list[tuple[Path, str | None]]:
     if path.suffix == ".json" and info.st_size <= _MANIFEST_BYTES:
         try:
             head = json.loads(path.read_bytes())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             head = None  # not one JSON document: read as NDJSON, whose lines say what is wrong
         if isinstance(head, dict) and isinstance(head.get("output"), list) and "transactionTime" in head:
             return _export_manifest(path, given)
@@ -245,6 +301,9 @@ def hash_and_chunk(file: InputFile, chunk_lines: int, limit: int) -> None:
     try:
         file.gz = _is_gzip(file.path)
         with file.path.open("rb") as raw:
+            before = os.fstat(raw.fileno())
+            if not stat.S_ISREG(before.st_mode):
+                raise UsageError(f"{file.label}: not a regular file (a pipe, device or socket is never read)")
             hashing = _Hashing(raw)
             stream: Any = gzip.GzipFile(fileobj=cast(BinaryIO, hashing), mode="rb") if file.gz else hashing
             offset = 0
@@ -265,6 +324,9 @@ def hash_and_chunk(file: InputFile, chunk_lines: int, limit: int) -> None:
                 file.chunks.append(current)
             while hashing.read(_BLOCK):  # bytes after the gzip stream still belong to the file's hash
                 pass
+            file.identity = _identity(before)
+            if _identity(os.fstat(raw.fileno())) != file.identity:
+                raise UsageError(f"{file.label}: changed while it was being read; re-run once it is whole")
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise UsageError(f"{file.label}: cannot be read ({why})") from exc
@@ -279,6 +341,7 @@ def iter_chunks(
 ) -> Iterator[tuple[Chunk, list[tuple[int, bytes | None]]]]:
     """The lines of each chunk of ``wanted`` (in file order): ``(line number, line or None when over limit)``,
     blank lines left out. A plain file seeks to each chunk; a gzip one is read through (it cannot seek)."""
+    file.check_unchanged(strict=False)
     with open_lines(file.path, file.gz) as stream:
         position = 0
         for chunk in wanted:
@@ -299,4 +362,5 @@ def iter_chunks(
                 if number >= chunk.first_line + chunk.lines - 1:
                     break
             position = chunk.offset + read
+            file.check_unchanged(strict=False)  # before a chunk of another version of the file is scored
             yield chunk, lines

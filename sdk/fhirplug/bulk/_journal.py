@@ -104,7 +104,7 @@ class RunState:
                 raise UsageError(
                     f"--out {out}: the folder is not empty and holds no fhirplug score run; give an empty or new folder"
                 )
-            state.state.mkdir()
+            state.state.mkdir(exist_ok=True)  # another run may just have made it: the lock decides
         state._take_lock()
         run = state._read_run()
         if run is not None and run.get("key") != key:
@@ -131,6 +131,8 @@ class RunState:
         state.run = run
         state.chunks.mkdir(exist_ok=True)
         for stale in state.chunks.glob(".*.tmp"):  # chunks killed half-way: redone
+            stale.unlink(missing_ok=True)
+        for stale in out.glob(".manifest.json.*.tmp"):  # a manifest killed half-way: written again
             stale.unlink(missing_ok=True)
         return state
 

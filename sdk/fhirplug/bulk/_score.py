@@ -88,8 +88,8 @@ def _line(resource_type: str, text: str) -> bytes:
 def _peek(raw: bytes) -> dict[str, Any] | None:
     try:
         value = json.loads(raw)
-    except ValueError:
-        return None  # the reader says precisely what is wrong with it
+    except (ValueError, RecursionError):
+        return None  # the reader says precisely what is wrong with it (nesting too deep included)
     return value if isinstance(value, dict) else None
 
 
