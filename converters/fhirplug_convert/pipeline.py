@@ -204,9 +204,13 @@ def set_calibration_split(recipe: Recipe, splits: Splits) -> Splits:
     if recipe.task != "text-classification":
         return splits
     valid = splits.validation
-    if len(valid) < 4:
-        raise ConvertError(
-            f"the validation split has {len(valid)} texts: at least 4 are needed to keep some apart for calibration"
+    if len(valid) < 4:  # too few to halve: calibration shares the validation texts, and the card says so
+        return Splits(
+            splits.train,
+            valid,
+            splits.test,
+            f"{splits.description}; validation too small to halve ({len(valid)} texts): calibration uses it too",
+            list(valid),
         )
     seed, fraction = recipe.data.split.seed, recipe.data.split.calibration
     groups = list(dict.fromkeys(e.group for e in valid))
