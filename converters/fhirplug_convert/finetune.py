@@ -205,11 +205,19 @@ def load_checkpoint(folder: str | Path, recipe: Recipe) -> tuple[TrainedModel, T
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     id2label = config.get("id2label") or {}
     saved = [id2label.get(str(i)) for i in range(len(id2label))]
-    if saved != list(recipe.label_names):
-        raise ConvertError(
-            f"--from-checkpoint {folder}: its labels {saved} are not the recipe's {list(recipe.label_names)}"
-        )
-    model, tokenizer = load_base(str(path), recipe.label_names, recipe.output.multi_label)
+    if recipe.task == "token-classification":
+        from fhirplug_convert.token_classification import load_base as load_tagger
+        from fhirplug_convert.token_classification import tag_names
+
+        expected = list(tag_names(recipe.label_names))
+    else:
+        expected = list(recipe.label_names)
+    if saved != expected:
+        raise ConvertError(f"--from-checkpoint {folder}: its labels {saved} are not the recipe's {expected}")
+    if recipe.task == "token-classification":
+        model, tokenizer = load_tagger(str(path), recipe.label_names)
+    else:
+        model, tokenizer = load_base(str(path), recipe.label_names, recipe.output.multi_label)
     record = json.loads(record_path.read_text(encoding="utf-8"))
     max_tokens = window_size(model.config, recipe)
     if int(record["max_tokens"]) != max_tokens:

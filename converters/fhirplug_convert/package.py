@@ -280,6 +280,20 @@ def _timing_lines(timings: Mapping[str, float]) -> list[str]:
     ]
 
 
+def _discriminator_sentence(discriminator: Mapping[str, Any] | None) -> str:
+    if not discriminator:
+        return ""
+    texts = discriminator["texts"]
+    return (
+        f" A text also abstains when an out-of-domain discriminator ({discriminator['model']}; "
+        f"{texts['in_domain']} training texts against the {texts['out_of_domain']} out-of-domain calibration texts) "
+        f"gives it a probability above {discriminator['threshold']:.3f}, set on the in-domain calibration texts: "
+        f"by distance or discriminator {_fmt(discriminator['in_domain_calibration_abstained'])} of those abstain, "
+        f"and {_fmt(discriminator['out_of_domain_calibration_abstained'])} of the out-of-domain calibration texts "
+        "(which the discriminator was fitted on)."
+    )
+
+
 def _abstention_lines(abstention: Mapping[str, Any] | None) -> list[str]:
     if not abstention:
         return []
@@ -294,7 +308,10 @@ def _abstention_lines(abstention: Mapping[str, Any] | None) -> list[str]:
         f"(at most {100 * choice['max_in_domain_rate']:.0f}% may abstain; "
         f"{100 * choice['in_domain_calibration_abstained']:.1f}% do) and "
         f"{choice['out_of_domain_calibration_texts']} out-of-domain calibration texts "
-        f"({_fmt(choice['out_of_domain_calibration_abstained'])} abstain). Rates on held-out texts:",
+        f"({_fmt(choice['out_of_domain_calibration_abstained'])} abstain)."
+        + _discriminator_sentence(abstention.get("discriminator"))
+        + " Rates on held-out texts (the other half of each out-of-domain set; fhirplug's generic English has its "
+        "own evaluation file):",
         "",
         "| variant | set | texts | abstained |",
         "|---|---|---|---|",

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from fhirplug.errors import ConvertError
 from fhirplug.manifest import Manifest
 from fhirplug.tasks.token_classification import tag_names
 from fhirplug_convert import _core, abstention, export, finetune, quantize, validate
@@ -119,7 +118,7 @@ def convert(
         checkpoint: also save the trained PyTorch model and tokenizer here (``save_pretrained``), e.g. as the
             PyTorch baseline for benchmarks/compare.py. LoRA is saved merged; prompt tuning cannot be saved
             this way (its virtual tokens live in a wrapper) and raises.
-        from_checkpoint: skip training: export and package a text-classification model this recipe fine-tuned
+        from_checkpoint: skip training: export and package a model this recipe fine-tuned
             earlier and saved with ``checkpoint`` (its labels and window must match the recipe). Data is still
             split as the recipe says, so calibration, the parity gate and the test metrics are recomputed.
         **overrides: recipe keys for quick runs: ``max_steps``, ``epochs``, ``max_train_examples``,
@@ -158,8 +157,6 @@ def convert(
 
     search: dict[str, Any] | None = None
     if from_checkpoint is not None:
-        if recipe.task != "text-classification":
-            raise ConvertError("--from-checkpoint: only text-classification checkpoints can be packaged again")
         trained, tokenizer = finetune.load_checkpoint(from_checkpoint, recipe)
         say(f"loaded the model this recipe fine-tuned earlier from {from_checkpoint} (no training)")
     else:

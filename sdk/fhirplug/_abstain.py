@@ -14,66 +14,81 @@ to the nearest class mean:
 (manifest ``calibration.abstention.threshold``) is chosen at convert time on in-domain validation texts and
 out-of-domain calibration texts; the model card reports the abstention rate on in-domain test texts and on
 held-out out-of-domain sets.
+
+A distance to class means misses out-of-domain text that lies *between* the classes: clinical encounter notes
+about diseases sat inside the Medical Abstracts classes (0% refused). With out-of-domain calibration texts the
+converter also fits a discriminator (method ``mahalanobis+discriminator``, outlier exposure: Hendrycks et al.
+2019, *Deep Anomaly Detection with Outlier Exposure*): a logistic regression on the whitened embedding, training
+texts against the out-of-domain calibration texts, whose probability above ``discriminator_threshold`` (set on
+in-domain calibration texts only) abstains too. ``abstention.npz`` then also holds ``discriminator`` [H] and
+``discriminator_bias`` [1].
 """
 
 from __future__ import annotations
 
-import io
-import zipfile
+from collections.abc import Sequence
 
 import numpy as np
-from numpy.lib import format as npy_format
 
-from fhirplug._coding import MAX_VECTORS_BYTES, _load_npz
+from fhirplug._coding import _load_npz
 from fhirplug.errors import TaskError
 
-__all__ = ["Abstainer"]
+__all__ = ["Abstainer", "mean_embeddings"]
 
 
-def _check_declared(data: bytes, source: str) -> None:
-    """Refuse an archive whose ``.npy`` headers declare more than :data:`MAX_VECTORS_BYTES` of arrays, before
-    numpy allocates them (``np.load`` sizes the array from the header, whatever bytes follow it)."""
-    total = 0
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            for info in archive.infolist():
-                with archive.open(info) as member:
-                    version = npy_format.read_magic(member)
-                    if version == (1, 0):
-                        shape, _, dtype = npy_format.read_array_header_1_0(member)
-                    else:
-                        shape, _, dtype = npy_format.read_array_header_2_0(member)
-                total += int(np.prod(shape, dtype=object)) * dtype.itemsize
-                if total > MAX_VECTORS_BYTES:
-                    raise TaskError(
-                        f"{source}: not a usable abstention file (its arrays declare more than the "
-                        f"{MAX_VECTORS_BYTES:,} bytes allowed)"
-                    )
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, TypeError) as exc:
-        raise TaskError(f"{source}: not a usable abstention file (not an .npz archive of plain arrays: {exc})") from exc
+def mean_embeddings(text_indices: Sequence[int], rows: Sequence[np.ndarray], n_logits: int, n_texts: int) -> np.ndarray:
+    """``[n_texts, H]`` float64: each text's mean window embedding — the values after the ``n_logits`` logits of
+    each of its windows' rows (``ModelSession.run`` joins logits and embedding) — NaN for a text without windows.
+
+    The one definition of "a text's embedding": the runtime abstains on it and the converter fits and calibrates
+    the Mahalanobis model on it, so the threshold is chosen on exactly what the runtime computes.
+    """
+    width = rows[0].shape[-1] - n_logits if len(rows) else 0
+    sums = np.zeros((n_texts, max(width, 0)), dtype=np.float64)
+    counts = np.zeros(n_texts, dtype=np.int64)
+    for index, row in zip(text_indices, rows, strict=True):
+        sums[index] += row[n_logits:]
+        counts[index] += 1
+    out: np.ndarray = np.full_like(sums, np.nan)
+    seen = counts > 0
+    out[seen] = sums[seen] / counts[seen, None]
+    return out
 
 
 class Abstainer:
     """Mahalanobis distance to the nearest class mean, and the threshold above which a text abstains."""
 
-    def __init__(self, whitening: np.ndarray, means: np.ndarray, threshold: float) -> None:
+    def __init__(
+        self,
+        whitening: np.ndarray,
+        means: np.ndarray,
+        threshold: float,
+        discriminator: tuple[np.ndarray, float, float] | None = None,
+    ) -> None:
         self.whitening = np.asarray(whitening, dtype=np.float64)
         self.means = np.asarray(means, dtype=np.float64)
         self.threshold = float(threshold)
         self.hidden = self.whitening.shape[1]
+        #: (weights [H] on the whitened embedding, bias, probability threshold), or None.
+        self.discriminator = (
+            None
+            if discriminator is None
+            else (np.asarray(discriminator[0], dtype=np.float64), float(discriminator[1]), float(discriminator[2]))
+        )
 
     @classmethod
-    def from_bytes(cls, data: bytes, source: str, threshold: float) -> Abstainer:
+    def from_bytes(
+        cls, data: bytes, source: str, threshold: float, discriminator_threshold: float | None = None
+    ) -> Abstainer:
         """Read ``abstention.npz`` (a verified bundle's bytes).
 
+        Args:
+            discriminator_threshold: the manifest's; when given the file must hold the discriminator arrays.
+
         Raises:
-            TaskError: not an .npz of the two float arrays, or their shapes do not fit together.
+            TaskError: not an .npz of the float arrays, or their shapes do not fit together.
         """
-        _check_declared(data, source)
-        try:
-            arrays = _load_npz(data, source)
-        except TaskError as exc:
-            raise TaskError(f"{source}: not a usable abstention file ({exc})") from exc
+        arrays = _load_npz(data, source, "not a usable abstention file")
         missing = sorted({"whitening", "means"} - set(arrays))
         if missing:
             raise TaskError(f"{source}: the abstention file lacks array(s) {missing}")
@@ -88,7 +103,22 @@ class Abstainer:
             )
         if not (np.isfinite(whitening).all() and np.isfinite(means).all()):
             raise TaskError(f"{source}: the abstention arrays hold NaN or infinity")
-        return cls(whitening, means, threshold)
+        if discriminator_threshold is None:
+            return cls(whitening, means, threshold)
+        missing = sorted({"discriminator", "discriminator_bias"} - set(arrays))
+        if missing:
+            raise TaskError(f"{source}: the manifest names a discriminator; the abstention file lacks {missing}")
+        weights, bias = arrays["discriminator"], arrays["discriminator_bias"]
+        if weights.dtype.kind != "f" or bias.dtype.kind != "f":
+            raise TaskError(f"{source}: discriminator and discriminator_bias must be float arrays")
+        if weights.shape != (whitening.shape[0],) or bias.shape != (1,):
+            raise TaskError(
+                f"{source}: discriminator must be [{whitening.shape[0]}] and discriminator_bias [1], got "
+                f"{list(weights.shape)} and {list(bias.shape)}"
+            )
+        if not (np.isfinite(weights).all() and np.isfinite(bias).all()):
+            raise TaskError(f"{source}: the discriminator arrays hold NaN or infinity")
+        return cls(whitening, means, threshold, (weights, float(bias[0]), discriminator_threshold))
 
     def distances(self, embeddings: np.ndarray) -> np.ndarray:
         """``[n]`` distances of ``[n, H]`` text embeddings to the nearest class mean."""
@@ -96,3 +126,31 @@ class Abstainer:
         squared = (z * z).sum(axis=1)[:, None] - 2.0 * z @ self.means.T + (self.means * self.means).sum(axis=1)[None]
         result: np.ndarray = np.sqrt(np.maximum(squared.min(axis=1), 0.0))
         return result
+
+    def ood_probability(self, embeddings: np.ndarray) -> np.ndarray:
+        """``[n]`` the discriminator's probability that each text is out of domain (NaN without one)."""
+        x = np.asarray(embeddings, dtype=np.float64)
+        if self.discriminator is None:
+            return np.full(len(x), np.nan)
+        weights, bias, _ = self.discriminator
+        logit = np.clip((x @ self.whitening.T) @ weights + bias, -60.0, 60.0)
+        result: np.ndarray = 1.0 / (1.0 + np.exp(-logit))
+        return result
+
+    def reason(self, embedding: np.ndarray) -> tuple[float, str | None]:
+        """One text's distance, and why it abstains (None: it is in the domain). NaN abstains."""
+        distance = float(self.distances(embedding[None, :])[0])
+        if not distance <= self.threshold:
+            return distance, (
+                f"the text is outside this plugin's domain: Mahalanobis distance {distance:.2f} of its embedding to "
+                f"the nearest class of the training data is above the calibrated {self.threshold:.2f}"
+            )
+        if self.discriminator is not None:
+            p = float(self.ood_probability(embedding[None, :])[0])
+            if not p <= self.discriminator[2]:
+                return distance, (
+                    f"the text is outside this plugin's domain: its embedding resembles the out-of-domain texts "
+                    f"the plugin was calibrated against (probability {p:.3f} above the calibrated "
+                    f"{self.discriminator[2]:.3f})"
+                )
+        return distance, None

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from fhirplug._safe_read import load_json
 from fhirplug.errors import TaskError
@@ -254,16 +255,39 @@ def _bad(where: str, detail: str) -> TaskError:
     return TaskError(f"{where}: the terminology files cannot be read: {detail}")
 
 
-def _load_npz(data: bytes, source: str) -> dict[str, np.ndarray]:
+def _load_npz(data: bytes, source: str, what: str = "the terminology files cannot be read") -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` archive of plain arrays (no pickles), refused before numpy allocates anything when
+    its members' uncompressed sizes or their ``.npy`` headers declare more than :data:`MAX_VECTORS_BYTES` (``np.load``
+    sizes an array from its header, whatever bytes follow it: a 100-byte member can ask for terabytes).
+
+    Raises:
+        TaskError: ``"{source}: {what}: {detail}"``.
+    """
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            total = sum(info.file_size for info in archive.infolist())
-        if total > MAX_VECTORS_BYTES:
-            raise _bad(source, f"{total} bytes uncompressed, more than the {MAX_VECTORS_BYTES} allowed")
+            members = archive.infolist()
+            total = sum(info.file_size for info in members)
+            if total > MAX_VECTORS_BYTES:
+                raise TaskError(
+                    f"{source}: {what}: {total} bytes uncompressed, more than the {MAX_VECTORS_BYTES} allowed"
+                )
+            declared = 0
+            for info in members:
+                with archive.open(info) as member:
+                    version = npy_format.read_magic(member)
+                    if version == (1, 0):
+                        shape, _, dtype = npy_format.read_array_header_1_0(member)
+                    else:
+                        shape, _, dtype = npy_format.read_array_header_2_0(member)
+                declared += int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if declared > MAX_VECTORS_BYTES:
+                    raise TaskError(
+                        f"{source}: {what}: its arrays declare more than the {MAX_VECTORS_BYTES:,} bytes allowed"
+                    )
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
             return {k: arrays[k] for k in arrays.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
-        raise _bad(source, f"not an .npz archive of plain arrays ({exc})") from exc
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, TypeError) as exc:
+        raise TaskError(f"{source}: {what}: not an .npz archive of plain arrays ({exc})") from exc
 
 
 def check_terminology(

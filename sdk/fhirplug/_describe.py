@@ -45,12 +45,18 @@ def describe_bundle(name_or_path: str, *, as_json: bool = False) -> str:
     ]
     if m.task == "text-classification":
         abstention = m.calibration.abstention
-        lines.append(
-            f"  abstention:   {abstention.method} distance of the pooled embedding > {abstention.threshold:.2f}"
-            " → no code"
-            if abstention is not None
-            else "  abstention:   none (the plugin answers every text)"
-        )
+        if abstention is None:
+            lines.append("  abstention:   none (the plugin answers every text)")
+        else:
+            lines.append(
+                f"  abstention:   mahalanobis distance of the pooled embedding > {abstention.threshold:.2f}"
+                + (
+                    f" or out-of-domain discriminator probability > {abstention.discriminator_threshold:.3f}"
+                    if abstention.discriminator_threshold is not None
+                    else ""
+                )
+                + " → no code"
+            )
     if m.training:
         params = ""
         if m.training.trainable_parameters and m.training.total_parameters:

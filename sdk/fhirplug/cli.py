@@ -366,12 +366,17 @@ def _explanation_lines(predictions: Sequence[Any]) -> list[str]:
 @click.option(
     "--jwks",
     multiple=True,
-    metavar="FILE_OR_URL",
-    help="JWKS (JSON file or https URL) of a CDS client's signing keys (repeatable).",
+    metavar="[ISS=]FILE_OR_URL",
+    help="JWKS (JSON file or https URL) of a CDS client's signing keys (repeatable). ISS=FILE_OR_URL binds it to "
+    "the --issuer ISS: only that issuer's tokens verify with it. Required form with two or more --issuer.",
 )
 @click.option("--issuer", "issuers", multiple=True, metavar="ISS", help="An allowed JWT iss (repeatable).")
 @click.option(
-    "--jku-allow", multiple=True, metavar="URL", help="URL prefix a token's jku header may point to (repeatable)."
+    "--jku-allow",
+    multiple=True,
+    metavar="[ISS=]URL",
+    help="URL prefix a token's jku header may point to (repeatable); ISS=URL allows it for the --issuer ISS "
+    "only (required form with two or more --issuer).",
 )
 @click.option(
     "--public-url",
@@ -442,6 +447,14 @@ def _explanation_lines(predictions: Sequence[Any]) -> list[str]:
     default=None,
     help="Largest request body (default 50 MiB); a larger one is answered 413 without being read.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes accepting on the one socket, each loading every plugin (memory × N) with "
+    "cores/N onnxruntime threads unless --threads; they share one jti replay cache. A dead worker is restarted.",
+)
 @_budget_options
 @_load_options
 @_translate
@@ -463,6 +476,7 @@ def serve(
     max_wait_ms: float,
     queue_size: int,
     max_request_bytes: int | None,
+    workers: int,
     max_chars: int | None,
     max_input_chars: int | None,
     max_input_windows: int | None,
@@ -476,9 +490,11 @@ def serve(
     """Serve PLUGINs over HTTP: CDS Hooks 2.0 (/cds-services) and FHIR $predict (/fhir/$predict).
 
     Every call needs a token: a JWT signed by a --jwks key with an --issuer iss and the called URL as aud (CDS
-    Hooks 2.0), or a static bearer token (--bearer-token-file). --insecure turns that off, for local development.
-    Each request is held to the budget (--max-*); concurrent requests are micro-batched (--max-batch,
-    --max-wait-ms) and a full queue (--queue) is answered 503. Needs the [serve] extra.
+    Hooks 2.0), or a static bearer token (--bearer-token-file). With two or more --issuer, bind each one's keys
+    (--jwks ISS=FILE_OR_URL, --jku-allow ISS=URL): a token verifies only with its own issuer's keys. --insecure
+    turns authentication off, for local development. Each request is held to the budget (--max-*); concurrent
+    requests are micro-batched (--max-batch, --max-wait-ms) and a full queue (--queue) is answered 503.
+    --workers N serves from N supervised processes sharing one jti replay cache. Needs the [serve] extra.
     """
     if insecure and (jwks or issuers or jku_allow or bearer_token_files):
         raise click.UsageError("--insecure turns authentication off: drop it, or drop --jwks/--issuer/--bearer-*")
@@ -491,18 +507,58 @@ def serve(
         raise click.UsageError("--cors-origin takes exact origins (https://ehr.example.org), not *")
     try:
         from fhirplug.serve import AuthConfig, ServeConfig, create_app
-        from fhirplug.serve._server import bind, uvicorn_server
+        from fhirplug.serve._auth import IssuerKeys
+        from fhirplug.serve._server import AppSpec, bind, log_to_stderr, serve_workers, uvicorn_server
     except ImportError as exc:
         raise MissingExtraError("serve", "fhirplug serve") from exc
-    from fhirplug.plugin import load_plugin
 
+    def binding(option: str, value: str) -> tuple[str | None, str]:
+        """(ISS, SOURCE) of ``ISS=SOURCE`` for the longest --issuer that prefixes it, else (None, value)."""
+        matches = [iss for iss in issuers if value.startswith(iss + "=")]
+        if matches:
+            issuer = max(matches, key=len)
+            return issuer, value[len(issuer) + 1 :]
+        if "=" in value and not (option == "--jwks" and Path(value).is_file()):
+            raise click.UsageError(
+                f"{option} {value}: the part before '=' is not one of the --issuer values; write {option} ISS=..., "
+                "with ISS exactly as given to --issuer"
+            )
+        return None, value
+
+    # Keys bound to an issuer (ISS=SOURCE) verify that issuer's tokens only; unbound ones only with one issuer.
+    bound: dict[str, dict[str, list[str]]] = {}
+    unbound: dict[str, list[str]] = {"jwks": [], "jku_allow": []}
+    for option, setting, values in (("--jwks", "jwks", jwks), ("--jku-allow", "jku_allow", jku_allow)):
+        for value in values:
+            issuer, source = binding(option, value)
+            if issuer is None:
+                unbound[setting].append(source)
+            else:
+                bound.setdefault(issuer, {"jwks": [], "jku_allow": []})[setting].append(source)
+    if len(issuers) > 1:
+        for option, setting in (("--jwks", "jwks"), ("--jku-allow", "jku_allow")):
+            if unbound[setting]:
+                raise click.UsageError(
+                    f"{option} {unbound[setting][0]} is not bound to an issuer, but {len(issuers)} --issuer values "
+                    f"are given: any of its keys would verify a token claiming any of them; write {option} "
+                    f"ISS={'FILE_OR_URL' if setting == 'jwks' else 'URL'} for each issuer"
+                )
+        for issuer in issuers:
+            if issuer not in bound:
+                raise click.UsageError(
+                    f"--issuer {issuer} has no keys: give --jwks {issuer}=FILE_OR_URL or --jku-allow {issuer}=URL"
+                )
     tokens: list[str] = []
     for path in bearer_token_files:
         tokens += [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     auth = AuthConfig(
-        jwks=tuple(jwks),
+        jwks=tuple(unbound["jwks"]),
         issuers=tuple(issuers),
-        jku_allow=tuple(jku_allow),
+        jku_allow=tuple(unbound["jku_allow"]),
+        issuer_keys={
+            issuer: IssuerKeys(jwks=tuple(keys["jwks"]), jku_allow=tuple(keys["jku_allow"]))
+            for issuer, keys in bound.items()
+        },
         public_url=public_url,
         bearer_tokens=tuple(tokens),
         insecure=insecure,
@@ -514,18 +570,13 @@ def serve(
         max_input_windows=max_input_windows,
         max_windows_in_flight=max_windows_in_flight,
     )
-    plugins = [
-        load_plugin(
-            name,
-            trusted_keys=trusted_keys,
-            allow_unsigned=allow_unsigned,
-            provider=provider,
-            variant=variant,
-            threads=threads,
-            budget=budget,
-        )
-        for name in plugin_names
-    ]
+    if threads is None and workers > 1:
+        # N sessions each using every core would oversubscribe the CPU N times over.
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+        threads = max(1, cores // workers)
     config = ServeConfig(
         auth=auth,
         hook=hook,
@@ -536,23 +587,42 @@ def serve(
         queue_size=queue_size,
         fhir_server_allow=tuple(fhir_server_allow),
     )
-    sock = bind(host, port)
-    import logging
+    spec = AppSpec(
+        plugins=tuple(plugin_names),
+        config=config,
+        load_options={
+            "trusted_keys": tuple(trusted_keys),
+            "allow_unsigned": allow_unsigned,
+            "provider": provider,
+            "variant": variant,
+            "threads": threads,
+            "budget": budget,
+        },
+    )
 
-    access = logging.getLogger("fhirplug.serve")
-    if not access.handlers:  # one JSON line per request on stderr, unless the embedding program set logging up
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        access.addHandler(handler)
-        access.setLevel(logging.INFO)
-    app = create_app(plugins, config)
-    bound_host, bound_port = sock.getsockname()[:2]
-    base = f"http://{bound_host}:{bound_port}"
-    for p in plugins:
-        click.echo(f"CDS service {p.name} ({hook}): POST {base}/cds-services/{p.name}", err=True)
-    click.echo(f"discovery: GET {base}/cds-services · FHIR: POST {base}/fhir/$predict — Ctrl-C stops", err=True)
+    def announce(sock: Any, names: Sequence[str]) -> None:
+        bound_host, bound_port = sock.getsockname()[:2]
+        base = f"http://{bound_host}:{bound_port}"
+        for name in names:
+            click.echo(f"CDS service {name} ({hook}): POST {base}/cds-services/{name}", err=True)
+        click.echo(f"discovery: GET {base}/cds-services · FHIR: POST {base}/fhir/$predict — Ctrl-C stops", err=True)
+
+    log_to_stderr()  # one JSON line per request on stderr, unless the embedding program set logging up
+    if workers == 1:
+        plugins = spec.load()  # loaded before listening, so no connection waits on a process still loading
+        sock = bind(host, port)
+        try:
+            app = create_app(plugins, config)
+            announce(sock, list(app.state.fhirplug.services))
+            uvicorn_server(app).run(sockets=[sock])
+        finally:
+            sock.close()
+        return
+    # The supervisor binds once; each worker loads the plugins itself and accepts on this socket.
+    sock = bind(host, port)
     try:
-        uvicorn_server(app).run(sockets=[sock])
+        click.echo(f"starting {workers} workers, {threads} onnxruntime threads each", err=True)
+        serve_workers(spec, sock, workers, announce=lambda names: announce(sock, names))
     finally:
         sock.close()
 
@@ -814,6 +884,13 @@ def bench(
     help="Longest input line (default 50 MiB); a longer one is reported as too-costly unread.",
 )
 @click.option("--progress/--no-progress", default=None, help="Progress on stderr (default: on a terminal).")
+@click.option(
+    "--evidence-segments",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Text classification: sentences occluded per predicted note to find its evidence (default 8); 0: the "
+    "evidence is the model window and each note costs one model pass.",
+)
 @_budget_options
 @_load_options
 @_translate
@@ -829,6 +906,7 @@ def score(
     restart: bool,
     max_request_bytes: int | None,
     progress: bool | None,
+    evidence_segments: int | None,
     max_chars: int | None,
     max_input_chars: int | None,
     max_input_windows: int | None,
@@ -873,6 +951,7 @@ def score(
         restart=restart,
         progress=progress,
         spark_master=spark_master,
+        evidence_segments=evidence_segments,
     )
     skipped = ", ".join(f"{kind} ×{n:,}" for kind, n in result.skipped.items())
     written = ", ".join(f"{kind} {n:,}" for kind, n in sorted(result.counts.items()))

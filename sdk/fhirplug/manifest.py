@@ -155,18 +155,30 @@ class Abstention(_Frozen):
     informational issue with its distance.
     """
 
-    method: Literal["mahalanobis"] = "mahalanobis"
-    #: The .npz in the bundle: ``whitening`` [H, H] and ``means`` [classes, H] (the class means, whitened).
+    method: Literal["mahalanobis", "mahalanobis+discriminator"] = "mahalanobis"
+    #: The .npz in the bundle: ``whitening`` [H, H] and ``means`` [classes, H] (the class means, whitened); with
+    #: the discriminator also ``discriminator`` [H] and ``discriminator_bias`` [1].
     file: str = "abstention.npz"
     #: The model output holding the pooled embedding, one row per window.
     output: str = "embedding"
     #: Distances above it abstain (chosen on in-domain validation and out-of-domain calibration texts).
     threshold: float = Field(gt=0)
+    #: ``mahalanobis+discriminator``: a discriminator probability above it abstains too (set on in-domain texts).
+    discriminator_threshold: float | None = Field(default=None, gt=0, lt=1)
 
     @field_validator("file")
     @classmethod
     def _inside(cls, value: str) -> str:
         return check_file_name(value)
+
+    @model_validator(mode="after")
+    def _method_fits(self) -> Abstention:
+        if (self.method == "mahalanobis+discriminator") != (self.discriminator_threshold is not None):
+            raise ValueError(
+                "calibration.abstention: method 'mahalanobis+discriminator' needs discriminator_threshold, and "
+                "only it may have one"
+            )
+        return self
 
 
 class Calibration(_Frozen):

@@ -96,3 +96,45 @@ def test_the_generic_english_sets_are_read() -> None:
     (generic,) = read_ood([], seed=0)
     assert generic.calibration and generic.evaluation
     assert not set(generic.calibration) & set(generic.evaluation)
+
+
+def test_the_discriminator_refuses_a_cloud_between_the_classes_and_keeps_the_in_domain_bound() -> None:
+    from fhirplug._abstain import Abstainer
+    from fhirplug_convert.abstention import choose_discriminator_threshold, fit_discriminator
+
+    rng = np.random.default_rng(3)
+    hidden = 128  # in many dimensions a shift along one of them hardly moves the distance
+    centres = np.zeros((2, hidden))
+    centres[0, 0], centres[1, 0] = -6.0, 6.0
+    labels = rng.integers(0, 2, size=400)
+    x = centres[labels] + rng.normal(size=(400, hidden))
+    truth = np.eye(2, dtype=np.int64)[labels]
+    arrays = fit_mahalanobis(x[:300], truth[:300])
+    # Out of domain: between the two classes and off along axis 1, as near to a class mean as in-domain texts are.
+    between = rng.normal(size=(200, hidden))
+    between[:, 0] = rng.choice([-4.0, 4.0], size=200)
+    between[:, 1] += 4.5
+    calibration, held_out = between[:100], between[100:]
+    inside = distances(arrays, x[300:])
+    threshold, _ = choose_threshold(inside, distances(arrays, calibration), max_in_domain_rate=0.02)
+    assert (distances(arrays, held_out) > threshold).mean() < 0.5  # the distance alone lets most through
+    arrays.update(fit_discriminator(arrays, x[:300], calibration))
+    bias = float(arrays["discriminator_bias"][0])
+    probe = Abstainer(arrays["whitening"], arrays["means"], threshold, (arrays["discriminator"], bias, 0.5))
+    p_threshold = choose_discriminator_threshold(
+        probe.ood_probability(x[300:]), ~(inside <= threshold), max_in_domain_rate=0.02
+    )
+    assert 0.5 <= p_threshold < 1
+    final = Abstainer(arrays["whitening"], arrays["means"], threshold, (arrays["discriminator"], bias, p_threshold))
+    refused_inside = np.mean([final.reason(row)[1] is not None for row in x[300:]])
+    refused_held_out = np.mean([final.reason(row)[1] is not None for row in held_out])
+    assert refused_inside <= 0.02 and refused_held_out >= 0.95
+    # The in-domain budget is shared: texts already refused by distance leave less room for the discriminator.
+    p = np.linspace(0.0, 0.99, 100)
+    # 5 of 100 may abstain: the threshold sits in the gap between the 6th and 5th highest.
+    chosen = choose_discriminator_threshold(p, np.zeros(100, dtype=bool), max_in_domain_rate=0.05)
+    assert chosen == pytest.approx((p[-6] + p[-5]) / 2)
+    # All 5 already abstain by distance: the highest in-domain probability must be kept.
+    chosen = choose_discriminator_threshold(p, np.arange(100) < 5, max_in_domain_rate=0.05)
+    assert chosen == pytest.approx((p[-1] + 1.0) / 2)
+    assert choose_discriminator_threshold(np.full(10, 0.1), np.zeros(10, dtype=bool), max_in_domain_rate=0.0) == 0.5

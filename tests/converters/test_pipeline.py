@@ -163,10 +163,15 @@ def test_the_runtime_abstains_on_exactly_the_test_texts_the_card_counts(built: C
     """The card's abstention rate on the test split (per variant) is what the runtime's own task computes from
     the shipped abstention.npz and threshold; the calibration split was kept apart from model selection."""
     import fhirplug
+    from fhirplug._abstain import mean_embeddings
 
     manifest = verify_bundle(built.bundle, allow_unsigned=True).manifest
     spec = manifest.calibration.abstention
     assert spec is not None and spec.output == "embedding" and spec.threshold > 0
+    # Out-of-domain calibration texts (fhirplug's generic English) were given: the discriminator is fitted too.
+    assert spec.method == "mahalanobis+discriminator" and spec.discriminator_threshold is not None
+    assert 0.5 <= spec.discriminator_threshold < 1
+    assert built.metrics["abstention"]["discriminator"]["texts"]["out_of_domain"] > 0
     assert all(v.output_names == ("logits", "embedding") for v in manifest.variants)
     assert 0 < manifest.calibration.min_probability <= 0.5  # multi-class floor from the decision policy
     facts = built.metrics["abstention"]
@@ -181,10 +186,13 @@ def test_the_runtime_abstains_on_exactly_the_test_texts_the_card_counts(built: C
         plugin = fhirplug.load_plugin(built.bundle, allow_unsigned=True, variant=precision, provider="cpu")
         windows, outputs = plugin._run(texts, range(len(texts)))
         distances = plugin.task.distances(len(texts), windows, outputs)
-        rate = float((~(distances <= spec.threshold)).mean())
+        embeddings = mean_embeddings([w.text_index for w in windows], outputs, len(manifest.outputs.labels), len(texts))
+        by_discriminator = plugin.task.abstainer.ood_probability(embeddings) > spec.discriminator_threshold
+        out_of_domain = ~(distances <= spec.threshold) | by_discriminator
+        rate = float(out_of_domain.mean())
         assert round(rate, 4) == facts["rates"][precision]["in-domain test"]["abstained"]
         probs = plugin.task.scores(len(texts), windows, outputs)
-        refused = ~(distances <= spec.threshold) | (probs.max(axis=1) < manifest.calibration.min_probability)
+        refused = out_of_domain | (probs.max(axis=1) < manifest.calibration.min_probability)
         np.testing.assert_array_equal(plugin.task.abstains(len(texts), windows, outputs), refused)
         assert facts["answered"][precision]["answered"] == int((~refused).sum())
     card = (built.bundle / "README.md").read_text()

@@ -211,3 +211,13 @@ def test_token_recipe_needs_entities_and_span_data(tmp_path: Path, tiny_base: Pa
     recipe.write_text(text.split("[entities]")[0] + text.split("coding_threshold = 0.5\n", 1)[1], encoding="utf-8")
     with pytest.raises(ConvertError, match=r"needs an \[entities\] table"):
         load_recipe(recipe)
+
+
+def test_a_saved_tagger_is_packaged_again_without_training(tiny_base: Path, tmp_path: Path) -> None:
+    """``--from-checkpoint`` for token classification: the same BIO model, the same test metrics, no training."""
+    recipe = ner_recipe(tmp_path / "data", tiny_base, "full")
+    first = convert(recipe, tmp_path / "first", progress=False, checkpoint=tmp_path / "ckpt", variants=["fp32"])
+    again = convert(recipe, tmp_path / "again", progress=False, from_checkpoint=tmp_path / "ckpt", variants=["fp32"])
+    assert again.timings.get("train", 0.0) < 30
+    assert again.metrics["test"]["fp32"]["mentions"] == first.metrics["test"]["fp32"]["mentions"]
+    assert again.metrics["history"] == first.metrics["history"]

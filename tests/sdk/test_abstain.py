@@ -142,3 +142,58 @@ def test_a_withheld_label_is_never_predicted() -> None:
     raw["calibration"]["withheld"] = {"nothing": "x"}
     with pytest.raises(ManifestError, match=r"withheld names labels not in outputs\.labels"):
         parse_manifest(raw)
+
+
+def test_the_discriminator_abstains_between_the_classes_where_the_distance_does_not() -> None:
+    task = _task(multi_label=False)
+    assert task.abstainer is not None
+    # Out of domain along the second axis: logit = 4 * z[1] - 2, probability > 0.9 from z[1] ≈ 1.05.
+    task.abstainer = Abstainer(
+        task.abstainer.whitening,
+        task.abstainer.means,
+        threshold=2.0,
+        discriminator=(np.array([0.0, 4.0, 0.0, 0.0]), -2.0, 0.9),
+    )
+    logits = np.array([6.0, 0.0, 0.0])
+    inside = np.concatenate([logits, [0.3, 0.0, 0.0, 0.0]])  # distance 0.3, p = sigmoid(-2)
+    between = np.concatenate([logits, [0.0, 1.5, 0.0, 0.0]])  # distance 1.5 (within 2), p = sigmoid(4) = 0.982
+    sources, windows = [_source(0), _source(1)], [_window(0), _window(1)]
+    outputs = [inside.astype(np.float32), between.astype(np.float32)]
+    assert task.distances(2, windows, outputs) == pytest.approx([0.3, 1.5], abs=1e-5)
+    np.testing.assert_array_equal(task.abstains(2, windows, outputs), [False, True])
+    ((source, issue),) = task.notices(sources, windows, outputs)
+    assert source is sources[1]
+    assert "resembles the out-of-domain texts" in issue.diagnostics and "0.982 above the calibrated 0.900" in (
+        issue.diagnostics
+    )
+    np.testing.assert_allclose(
+        task.abstainer.ood_probability(np.array([[0.3, 0.0, 0.0, 0.0], [0.0, 1.5, 0.0, 0.0]])),
+        1 / (1 + np.exp(-np.array([-2.0, 4.0]))),
+    )
+
+
+def test_the_discriminator_arrays_and_manifest_must_agree() -> None:
+    base = {"whitening": np.eye(3), "means": np.zeros((1, 3))}
+    with pytest.raises(TaskError, match="lacks"):
+        Abstainer.from_bytes(_npz(**base), "abstention.npz", 1.0, 0.9)
+    with pytest.raises(TaskError, match=r"discriminator must be \[3\]"):
+        Abstainer.from_bytes(
+            _npz(**base, discriminator=np.zeros(4), discriminator_bias=np.zeros(1)), "abstention.npz", 1.0, 0.9
+        )
+    with pytest.raises(TaskError, match="NaN"):
+        Abstainer.from_bytes(
+            _npz(**base, discriminator=np.full(3, np.nan), discriminator_bias=np.zeros(1)), "abstention.npz", 1.0, 0.9
+        )
+    loaded = Abstainer.from_bytes(
+        _npz(**base, discriminator=np.ones(3), discriminator_bias=np.array([0.5])), "abstention.npz", 1.0, 0.9
+    )
+    assert loaded.discriminator is not None and loaded.discriminator[1:] == (0.5, 0.9)
+    # Without the manifest's threshold the arrays are ignored (an older runtime's reading of the same file).
+    assert Abstainer.from_bytes(_npz(**base), "abstention.npz", 1.0).discriminator is None
+    raw = json.loads(TINY.read_text())
+    raw["calibration"] = {"abstention": {"method": "mahalanobis+discriminator", "threshold": 3.0}}
+    with pytest.raises(ManifestError, match="needs discriminator_threshold"):
+        parse_manifest(raw)
+    raw["calibration"] = {"abstention": {"method": "mahalanobis", "threshold": 3.0, "discriminator_threshold": 0.9}}
+    with pytest.raises(ManifestError, match="needs discriminator_threshold"):
+        parse_manifest(raw)

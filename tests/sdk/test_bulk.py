@@ -282,3 +282,37 @@ def test_a_folder_with_another_run_is_refused_unless_restarted(tmp_path: Path) -
     assert again.notes == 6 and not again.already_complete
     notes = {ref for ref, _ in _coded(out)}  # b's notes only: a's outputs went with its run
     assert notes and notes <= {f"DocumentReference/n{i}" for i in range(100, 106)}
+
+
+def _spans(out: Path) -> list[tuple[int, int]]:
+    """(start, end) of the evidence span of every RiskAssessment written."""
+    spans = []
+    for resource in _ndjson(out / "RiskAssessment.ndjson"):
+        (span,) = [e for e in resource["extension"] if e["url"].endswith("/evidence-span")]
+        parts = {p["url"]: p for p in span["extension"]}
+        spans.append((parts["start"]["valueInteger"], parts["end"]["valueInteger"]))
+    return spans
+
+
+def test_evidence_segments_zero_gives_window_evidence_and_is_part_of_the_run(tmp_path: Path) -> None:
+    note = "Patient seen in clinic today. Type 2 diabetes, elevated HbA1c on metformin. Vitals normal."
+    source = tmp_path / "notes.ndjson"
+    source.write_text(_note(0, note))
+    score(TINY, [source], tmp_path / "occluded", allow_unsigned=True, transaction_time=WHEN)
+    result = score(TINY, [source], tmp_path / "window", allow_unsigned=True, transaction_time=WHEN, evidence_segments=0)
+    assert result.predictions == 1
+    # Occlusion finds the diabetes sentence; without it the evidence is the whole (one-window) note.
+    assert _spans(tmp_path / "occluded") == [(30, 75)]
+    assert _spans(tmp_path / "window") == [(0, len(note))]
+    # The same codes and probabilities either way: only the evidence differs.
+    assert _coded(tmp_path / "occluded") == _coded(tmp_path / "window")
+    # A different evidence setting is a different run: resuming the folder with it is refused.
+    from fhirplug.errors import UsageError
+
+    with pytest.raises(UsageError, match="holds a run"):
+        score(TINY, [source], tmp_path / "window", allow_unsigned=True, transaction_time=WHEN, evidence_segments=4)
+    refused = CliRunner().invoke(
+        main,
+        ["score", TINY, str(source), "--out", str(tmp_path / "cli"), "--allow-unsigned", "--evidence-segments", "-1"],
+    )
+    assert refused.exit_code == 2 and "--evidence-segments" in refused.output and "Traceback" not in refused.output

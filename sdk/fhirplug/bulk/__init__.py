@@ -102,6 +102,8 @@ def _run_key(
         "provider": spec.provider,
         "budget": asdict(budget),
         "chunk_lines": chunk_lines,
+        # Evidence offsets are part of the output; absent when the plugin's default is used (older runs resume).
+        **({"evidence_segments": spec.evidence_segments} if spec.evidence_segments is not None else {}),
         "inputs": [[f.label, f.sha256] for f in files],
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
@@ -126,6 +128,7 @@ def score(
     progress: bool | None = None,
     spark: Any = None,
     spark_master: str | None = None,
+    evidence_segments: int | None = None,
 ) -> ScoreResult:
     """Score every note of NDJSON ``inputs`` into the Bulk-Data-shaped folder ``out`` (resuming a run found there).
 
@@ -147,6 +150,9 @@ def score(
         progress: a progress bar (tqdm on a terminal) or periodic line on stderr; None: only on a terminal.
         spark: a SparkSession to use (e.g. under ``spark-submit``; Spark Connect works too).
         spark_master: the master of a session started here (default: the active session, else ``local[workers]``).
+        evidence_segments: text classification: sentences occluded per predicted note to find its evidence
+            (``Plugin.evidence_segments``; None: the plugin's default, 8); 0 or 1: no occlusion, the evidence is
+            the model window — one model pass per note instead of up to nine. Part of the run's identity.
 
     Raises:
         UsageError: bad arguments, a missing or unreadable input, an unusable ``out``.
@@ -170,8 +176,17 @@ def score(
     bundle = verify_bundle(path, trusted_keys=[Path(k) for k in trusted_keys], allow_unsigned=allow_unsigned)
     choice = choose_variant(bundle.manifest, provider, variant)
     accepted = bundle.manifest.inputs.resource_types
+    if evidence_segments is not None:
+        evidence_segments = _check(evidence_segments, "evidence_segments", minimum=0)
     spec = PluginSpec(
-        str(path), tuple(str(k) for k in trusted_keys), allow_unsigned, provider, variant, threads, budget
+        str(path),
+        tuple(str(k) for k in trusted_keys),
+        allow_unsigned,
+        provider,
+        variant,
+        threads,
+        budget,
+        evidence_segments,
     )
 
     files = discover([str(i) for i in inputs], accepted)

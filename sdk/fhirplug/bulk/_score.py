@@ -42,9 +42,11 @@ class PluginSpec:
     variant: str = "auto"
     threads: int | None = None
     budget: Budget | None = None
+    #: ``Plugin.evidence_segments`` (None: the plugin's default, 8 occluded sentences per predicted note).
+    evidence_segments: int | None = None
 
     def load(self) -> Plugin:
-        return load_plugin(
+        plugin = load_plugin(
             self.path,
             trusted_keys=self.trusted_keys,
             allow_unsigned=self.allow_unsigned,
@@ -53,6 +55,9 @@ class PluginSpec:
             threads=self.threads,
             budget=self.budget,
         )
+        if self.evidence_segments is not None:
+            plugin.evidence_segments = self.evidence_segments
+        return plugin
 
 
 _LOADED: dict[PluginSpec, Plugin] = {}

@@ -6,11 +6,15 @@ trusting first, so that a stranger's token costs no key fetch:
 
 1. the header: ``alg`` in :data:`ALGORITHMS` (asymmetric only: never ``none``, never HMAC), ``kid`` present,
    ``typ`` absent or ``JWT``, no ``crit`` (we implement no JWS extension, so RFC 7515 4.1.11 says refuse);
-2. the unverified ``iss``, which must be one of :attr:`AuthConfig.issuers`;
-3. the key: by ``kid`` from the configured JWKS files and URLs, or from the token's ``jku`` when that URL is
-   allow-listed; its type must fit ``alg`` (EC on the alg's curve, RSA of at least 2048 bits);
+2. the unverified ``iss``, which must be a configured issuer (:attr:`AuthConfig.issuers` or a key of
+   :attr:`AuthConfig.issuer_keys`);
+3. the key: by ``kid`` from *that issuer's* JWKS files and URLs, or from the token's ``jku`` when that URL is
+   under one of *that issuer's* allowed prefixes (:class:`IssuerKeys`); its type must fit ``alg`` (EC on the
+   alg's curve, RSA of at least 2048 bits). Keys are bound to issuers so that one EHR cannot sign a token
+   claiming to be another; the cache of fetched sets is keyed by (issuer, URL) for the same reason;
 4. the signature, then the claims: ``aud`` is the exact URL called, ``exp``/``iat`` with leeway and a
-   bounded lifetime, ``jti`` present and never seen before (:class:`_ReplayCache`).
+   bounded lifetime, ``jti`` present and never seen before (:class:`_ReplayCache` in one process,
+   :class:`SharedReplayCache` across the worker processes of ``fhirplug serve --workers N``).
 
 Integration engines that are not CDS clients may instead present a static bearer token
 (:attr:`AuthConfig.bearer_tokens`); a JWT-shaped credential never falls back to that comparison.
@@ -24,25 +28,29 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import heapq
 import hmac
 import json
 import logging
 import math
+import os
 import re
+import sqlite3
 import threading
 import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import anyio
+import anyio.to_thread
 import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -56,7 +64,9 @@ __all__ = [
     "AuthError",
     "Authenticator",
     "InsecureAuthWarning",
+    "IssuerKeys",
     "Principal",
+    "SharedReplayCache",
     "endpoint_url",
 ]
 
@@ -117,13 +127,48 @@ class InsecureAuthWarning(UserWarning):
 
 
 @dataclass(frozen=True)
+class IssuerKeys:
+    """The keys one CDS client (issuer) signs with: only these verify a token claiming its ``iss``.
+
+    Attributes:
+        jwks: JWKS files (JSON) or https URLs of this issuer's public keys.
+        jku_allow: URL prefixes a token of this issuer may point its ``jku`` header to (same origin, then a
+            path boundary).
+    """
+
+    jwks: tuple[str, ...] = ()
+    jku_allow: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("jwks", "jku_allow"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple | list) or not all(isinstance(v, str) for v in value):
+                raise UsageError(f"IssuerKeys.{name} must be a tuple of strings, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        for source in self.jwks:
+            if _looks_like_url(source):
+                _checked_url(source, "IssuerKeys.jwks")
+        for prefix in self.jku_allow:
+            _checked_url(prefix, "IssuerKeys.jku_allow")
+        if not self.jwks and not self.jku_allow:
+            raise UsageError("IssuerKeys needs jwks (files or URLs) or jku_allow prefixes; it has neither")
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     """Who may call the service.
 
+    An issuer's keys are given with :attr:`issuer_keys`, which binds them to it: a token claiming ``iss`` A
+    verifies with A's keys only. The unbound :attr:`jwks` and :attr:`jku_allow` belong to the one issuer
+    configured, and are refused when there are two or more (any of their keys could then sign as any issuer).
+
     Attributes:
-        jwks: JWKS files (JSON) or https URLs, each trusted as given.
-        issuers: allowed ``iss`` values, compared exactly (required for JWT clients unless insecure).
-        jku_allow: URL prefixes a token's ``jku`` header may point to (same origin, then a path boundary).
+        issuer_keys: allowed ``iss`` value → its keys (:class:`IssuerKeys`); each key is an allowed issuer.
+        jwks: JWKS files (JSON) or https URLs, trusted for the single configured issuer.
+        issuers: allowed ``iss`` values, compared exactly (required for JWT clients unless insecure); those
+            without an ``issuer_keys`` entry use the unbound ``jwks`` and ``jku_allow``.
+        jku_allow: URL prefixes a token's ``jku`` header may point to (same origin, then a path boundary), for
+            the single configured issuer.
         public_url: the service's public base URL (behind a proxy); ``aud`` must equal it plus the request
             path, else the request's own URL (see :func:`endpoint_url`).
         leeway_s: clock skew tolerated on ``exp``, ``iat`` and ``nbf``.
@@ -141,6 +186,7 @@ class AuthConfig:
     max_lifetime_s: int = 3600
     bearer_tokens: tuple[str, ...] = ()
     insecure: bool = False
+    issuer_keys: Mapping[str, IssuerKeys] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         # A misconfigured authenticator must fail at start-up, naming the setting, not at the first request.
@@ -152,6 +198,15 @@ class AuthConfig:
         for issuer in self.issuers:
             if not isinstance(issuer, str) or not issuer.strip():
                 raise UsageError(f"AuthConfig.issuers holds {issuer!r}; give each allowed iss value as a string")
+        if not isinstance(self.issuer_keys, Mapping):
+            raise UsageError(f"AuthConfig.issuer_keys must map iss → IssuerKeys, got {self.issuer_keys!r}")
+        for issuer, keys in self.issuer_keys.items():
+            if not isinstance(issuer, str) or not issuer.strip():
+                raise UsageError(f"AuthConfig.issuer_keys has the key {issuer!r}; key it by the exact iss value")
+            if not isinstance(keys, IssuerKeys):
+                raise UsageError(f"AuthConfig.issuer_keys[{issuer!r}] is {keys!r}, expected IssuerKeys(jwks=...)")
+        # A private copy: the caller's dict changing later must not change who is trusted.
+        object.__setattr__(self, "issuer_keys", dict(self.issuer_keys))
         for source in self.jwks:
             if _looks_like_url(source):
                 _checked_url(source, "AuthConfig.jwks")
@@ -178,10 +233,37 @@ class AuthConfig:
                 )
         if self.insecure:
             return
-        if self.issuers and not self.jwks and not self.jku_allow:
-            raise UsageError(
-                "AuthConfig.issuers is set but no keys are: give jwks (files or URLs) or jku_allow prefixes"
-            )
+        issuers = self.trusted_issuers
+        for name in ("jwks", "jku_allow"):
+            if getattr(self, name) and len(issuers) > 1:
+                raise UsageError(
+                    f"AuthConfig.{name} is not bound to an issuer, but {len(issuers)} issuers are configured "
+                    f"({', '.join(map(repr, issuers))}): any of its keys would verify a token claiming any of "
+                    "them; give each issuer its own keys with AuthConfig.issuer_keys "
+                    "(CLI: --jwks ISS=FILE_OR_URL, --jku-allow ISS=PREFIX)"
+                )
+        unbound = bool(self.jwks or self.jku_allow)
+        for issuer in self.issuers:
+            if issuer not in self.issuer_keys and not unbound:
+                raise UsageError(
+                    f"AuthConfig.issuers: {issuer!r} has no keys: give jwks (files or URLs) or jku_allow "
+                    "prefixes, or its IssuerKeys in issuer_keys"
+                )
+
+    @property
+    def trusted_issuers(self) -> tuple[str, ...]:
+        """Every allowed ``iss``: :attr:`issuers`, then the keys of :attr:`issuer_keys` not among them."""
+        return tuple(dict.fromkeys([*self.issuers, *self.issuer_keys]))
+
+    def keys_of(self, issuer: str) -> IssuerKeys | None:
+        """The keys that verify tokens of ``issuer`` (the unbound ones count for the single issuer)."""
+        bound = self.issuer_keys.get(issuer)
+        if issuer not in self.trusted_issuers or len(self.trusted_issuers) > 1 or not (self.jwks or self.jku_allow):
+            return bound
+        return IssuerKeys(
+            jwks=tuple(dict.fromkeys([*(bound.jwks if bound else ()), *self.jwks])),
+            jku_allow=tuple(dict.fromkeys([*(bound.jku_allow if bound else ()), *self.jku_allow])),
+        )
 
 
 @dataclass(frozen=True)
@@ -260,6 +342,15 @@ class _RemoteSet:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class _Trust:
+    """The keys of one issuer: loaded file keys, JWKS URLs, parsed jku prefixes."""
+
+    file_keys: tuple[_Key, ...]
+    urls: tuple[str, ...]
+    jku_allow: tuple[tuple[str, str, int, str], ...]
+
+
 class _ReplayCache:
     """Every accepted (iss, jti) until its token expires; thread safe, bounded, failing closed when full."""
 
@@ -279,13 +370,136 @@ class _ReplayCache:
                 _, old = heapq.heappop(self._heap)
                 self._expiry.pop(old, None)
             if key in self._expiry:
-                raise AuthError(
-                    f"jti {_show(key[1][:8])}... from iss {_show(key[0])} was already used (replay)", reason="replay"
-                )
+                raise _replayed(key)
             if len(self._expiry) >= self._max:
                 raise AuthError(f"the replay cache is full ({self._max} live jti values)", reason="replay_cache_full")
             self._expiry[key] = expires_at
             heapq.heappush(self._heap, (expires_at, key))
+
+    async def remember(self, key: tuple[str, str], expires_at: float, now: float) -> None:
+        """:meth:`add`, from async code (no I/O: it runs on the event loop)."""
+        self.add(key, expires_at, now)
+
+
+_REPLAY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS seen (
+    iss TEXT NOT NULL,
+    jti TEXT NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (iss, jti)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_by_expiry ON seen (expires);
+CREATE TABLE IF NOT EXISTS live (id INTEGER PRIMARY KEY CHECK (id = 0), n INTEGER NOT NULL);
+INSERT OR IGNORE INTO live VALUES (0, 0);
+"""
+
+
+class SharedReplayCache:
+    """The replay cache of processes that serve together: one SQLite database, in WAL mode.
+
+    ``add`` runs one ``BEGIN IMMEDIATE`` transaction: prune expired rows, then ``INSERT`` the (iss, jti)
+    primary key, so of two processes adding one key the first writer wins and the other sees the row. The
+    live count is kept in the same transaction, so the bound holds across processes; a full cache refuses,
+    as the in-memory one does. Every SQLite failure (locked past the busy timeout, the file gone, disk
+    full) refuses the token too: fail closed. Each process opens its own connection on first use (again
+    after a fork, as SQLite requires); the file is never created here, only by :meth:`create`.
+
+    Args:
+        path: the database :meth:`create` made, in a folder only this service's user can reach.
+        max_entries: live (iss, jti) rows at most, all processes together.
+        busy_timeout_s: how long an ``add`` waits for another process's transaction before refusing.
+    """
+
+    def __init__(self, path: str, max_entries: int = REPLAY_CACHE_MAX, *, busy_timeout_s: float = 2.0) -> None:
+        self.path = path
+        self._max = max_entries
+        self._busy_timeout_s = busy_timeout_s
+        self._lock = threading.Lock()  # one connection per process, used by one thread at a time
+        self._connection: sqlite3.Connection | None = None
+        self._pid = -1
+
+    @staticmethod
+    def create(path: str) -> None:
+        """Create the database at ``path`` (WAL mode, the tables); the parent does this once, before workers start.
+
+        Raises:
+            UsageError: it cannot be created.
+        """
+        try:
+            with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as connection:
+                connection.execute("PRAGMA journal_mode=WAL")
+                connection.executescript(_REPLAY_SCHEMA)
+        except sqlite3.Error as exc:
+            raise UsageError(f"the shared replay cache {path} cannot be created: {exc}") from exc
+
+    def __len__(self) -> int:
+        with self._lock:
+            row = self._connect().execute("SELECT n FROM live WHERE id = 0").fetchone()
+        return int(row[0])
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._connection is None or self._pid != os.getpid():
+            # mode=rw: a missing file is an error (fail closed), not a new empty cache that forgot every jti.
+            uri = "file:" + quote(self.path) + "?mode=rw"
+            connection = sqlite3.connect(
+                uri, uri=True, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+            connection.execute("PRAGMA synchronous=NORMAL")  # WAL: no fsync per commit; the file is scratch
+            self._connection, self._pid = connection, os.getpid()
+        return self._connection
+
+    def add(self, key: tuple[str, str], expires_at: float, now: float) -> None:
+        """Record ``key`` until ``expires_at``; raise AuthError if any process has it, the cache is full, or fails."""
+        try:
+            with self._lock:
+                self._add(self._connect(), key, expires_at, now)
+        except sqlite3.Error as exc:
+            raise AuthError(
+                f"the shared replay cache failed ({type(exc).__name__}: {exc}); refusing the token",
+                reason="replay_cache_error",
+            ) from None
+
+    def _add(self, connection: sqlite3.Connection, key: tuple[str, str], expires_at: float, now: float) -> None:
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            pruned = connection.execute("DELETE FROM seen WHERE expires <= ?", (now,)).rowcount
+            if pruned > 0:
+                connection.execute("UPDATE live SET n = max(0, n - ?) WHERE id = 0", (pruned,))
+            (live,) = connection.execute("SELECT n FROM live WHERE id = 0").fetchone()
+            if live >= self._max:
+                seen = connection.execute("SELECT 1 FROM seen WHERE iss = ? AND jti = ?", key).fetchone()
+                connection.execute("COMMIT")  # keep the pruning
+                if seen is None:
+                    raise AuthError(
+                        f"the shared replay cache is full ({self._max} live jti values)", reason="replay_cache_full"
+                    )
+                raise _replayed(key)
+            try:
+                connection.execute("INSERT INTO seen (iss, jti, expires) VALUES (?, ?, ?)", (*key, expires_at))
+            except sqlite3.IntegrityError:
+                connection.execute("COMMIT")
+                raise _replayed(key) from None
+            connection.execute("UPDATE live SET n = n + 1 WHERE id = 0")
+            connection.execute("COMMIT")
+        finally:
+            if connection.in_transaction:  # an error above: leave nothing half-done
+                with contextlib.suppress(sqlite3.Error):
+                    connection.execute("ROLLBACK")
+
+    async def remember(self, key: tuple[str, str], expires_at: float, now: float) -> None:
+        """:meth:`add`, off the event loop: waiting on another process's lock must not stall other requests."""
+        await anyio.to_thread.run_sync(self.add, key, expires_at, now)
+
+    def close(self) -> None:
+        """Close this process's connection (a later ``add`` opens a new one)."""
+        with self._lock:
+            if self._connection is not None and self._pid == os.getpid():
+                self._connection.close()
+            self._connection = None
+
+
+def _replayed(key: tuple[str, str]) -> AuthError:
+    return AuthError(f"jti {_show(key[1][:8])}... from iss {_show(key[0])} was already used (replay)", reason="replay")
 
 
 class Authenticator:
@@ -299,6 +513,8 @@ class Authenticator:
         http: client for JWKS URLs; by default one of our own (no redirects followed either way).
         clock: seconds since the epoch; injectable so tests can move time.
         fetch_timeout_s: per-operation timeout of a JWKS fetch; the whole fetch gets twice this.
+        replay_db: a SQLite database (:meth:`SharedReplayCache.create`) that processes serving together share
+            as their replay cache; None (the default) keeps it in this process's memory.
 
     Raises:
         UsageError: a JWKS file is missing, unreadable, or holds no usable public key.
@@ -311,22 +527,37 @@ class Authenticator:
         http: httpx.AsyncClient | None = None,
         clock: Callable[[], float] = time.time,
         fetch_timeout_s: float = JWKS_TIMEOUT_S,
+        replay_db: str | None = None,
     ) -> None:
         self.config = config
         self._http = http
         self._owns_http = http is None
         self._clock = clock
         self._fetch_timeout_s = fetch_timeout_s
-        self._issuers = frozenset(config.issuers)
         self._bearer_digests = tuple(hashlib.sha256(t.encode()).digest() for t in config.bearer_tokens)
-        self._jwks_urls = tuple(s for s in config.jwks if _looks_like_url(s))
-        self._jku_allow = tuple(_checked_url(p, "AuthConfig.jku_allow") for p in config.jku_allow)
-        self._file_keys = tuple(k for s in config.jwks if not _looks_like_url(s) for k in _load_jwks_file(s))
-        self._sets: dict[str, _RemoteSet] = {}
-        self._locks: dict[str, anyio.Lock] = {}
+        files: dict[str, tuple[_Key, ...]] = {}  # a file two issuers share is read once
+        self._trust: dict[str, _Trust] = {}
+        for issuer in config.trusted_issuers:
+            keys = config.keys_of(issuer)
+            if keys is None:  # insecure, or (refused by AuthConfig) an issuer without keys
+                continue
+            for source in keys.jwks:
+                if not _looks_like_url(source) and source not in files:
+                    files[source] = _load_jwks_file(source)
+            self._trust[issuer] = _Trust(
+                file_keys=tuple(k for s in keys.jwks if not _looks_like_url(s) for k in files[s]),
+                urls=tuple(s for s in keys.jwks if _looks_like_url(s)),
+                jku_allow=tuple(_checked_url(p, "AuthConfig.jku_allow") for p in keys.jku_allow),
+            )
+        self._issuers = frozenset(self._trust)
+        # Fetched sets are keyed by (issuer, URL): what one issuer's URL served never verifies another's token.
+        self._sets: dict[tuple[str, str], _RemoteSet] = {}
+        self._locks: dict[tuple[str, str], anyio.Lock] = {}
         self._fetches: deque[float] = deque()
-        self._replay = _ReplayCache(REPLAY_CACHE_MAX)
-        if not config.insecure and not config.issuers and not config.bearer_tokens:
+        self._replay: _ReplayCache | SharedReplayCache = (
+            SharedReplayCache(replay_db, REPLAY_CACHE_MAX) if replay_db is not None else _ReplayCache(REPLAY_CACHE_MAX)
+        )
+        if not config.insecure and not self._issuers and not config.bearer_tokens:
             # Fail closed, but say so: an empty AuthConfig is the server's safe default, not a useful setup.
             logger.warning(
                 "authentication accepts nobody: give AuthConfig issuers (with jwks or jku_allow) for CDS "
@@ -349,7 +580,9 @@ class Authenticator:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the HTTP client if this authenticator made it."""
+        """Close the HTTP client if this authenticator made it, and the shared replay cache's connection."""
+        if isinstance(self._replay, SharedReplayCache):
+            self._replay.close()
         if self._owns_http and self._http is not None:
             await self._http.aclose()
             self._http = None
@@ -418,7 +651,7 @@ class Authenticator:
         if not isinstance(iss, str) or iss not in self._issuers:
             raise AuthError(f"JWT iss {_show(iss)} is not an allowed issuer (kid {_show(kid)})", reason="bad_iss")
 
-        keys = await self._keys_for(kid, alg, jku)
+        keys = await self._keys_for(iss, kid, alg, jku)
         verifier = jwt.PyJWS()
         for key in keys:
             assert key.public is not None  # _keys_for returns usable keys only
@@ -437,9 +670,9 @@ class Authenticator:
             raise AuthError(
                 f"JWT signature does not verify with key kid {_show(kid)} of iss {_show(iss)}", reason="bad_signature"
             )
-        return self._accept_claims(claims, iss, kid, audience)
+        return await self._accept_claims(claims, iss, kid, audience)
 
-    def _accept_claims(self, claims: dict[str, Any], iss: str, kid: str, audience: str) -> Principal:
+    async def _accept_claims(self, claims: dict[str, Any], iss: str, kid: str, audience: str) -> Principal:
         now = self._clock()
         leeway = self.config.leeway_s
         where = f"(iss {_show(iss)}, kid {_show(kid)})"
@@ -478,7 +711,7 @@ class Authenticator:
         if sub is not None and not isinstance(sub, str):
             raise AuthError(f"JWT sub is {_show(sub)}, expected a string {where}", reason="bad_sub")
         # Last, after everything else passed: a refused token must not burn its jti.
-        self._replay.add((iss, jti), exp + leeway, now)
+        await self._replay.remember((iss, jti), exp + leeway, now)
         return Principal(
             issuer=iss,
             subject=sub,
@@ -487,31 +720,35 @@ class Authenticator:
             tenant=tenant if isinstance(tenant, str) else None,
         )
 
-    async def _keys_for(self, kid: str, alg: str, jku: str | None) -> list[_Key]:
-        """The keys that may verify this token: matching ``kid``, of the type ``alg`` needs."""
+    async def _keys_for(self, iss: str, kid: str, alg: str, jku: str | None) -> list[_Key]:
+        """The keys of issuer ``iss`` that may verify this token: matching ``kid``, of the type ``alg`` needs."""
+        trust = self._trust[iss]
         if jku is not None:
             try:
                 parts = _split_url(jku)
             except ValueError as exc:
                 raise AuthError(f"JWT jku {_show(jku)} {exc} (kid {_show(kid)})", reason="bad_jku") from None
-            if not any(_under(parts, allowed) for allowed in self._jku_allow):
+            if not any(_under(parts, allowed) for allowed in trust.jku_allow):
                 raise AuthError(
-                    f"JWT jku {_show(jku)} is not under an allowed prefix (kid {_show(kid)})", reason="bad_jku"
+                    f"JWT jku {_show(jku)} is not under a prefix allowed for iss {_show(iss)} (kid {_show(kid)})",
+                    reason="bad_jku",
                 )
             local: tuple[_Key, ...] = ()
             urls: tuple[str, ...] = (jku,)
         else:
-            local, urls = self._file_keys, self._jwks_urls
+            local, urls = trust.file_keys, trust.urls
         candidates = [k for k in local if k.kid == kid]
         errors = []
         for url in urls:
-            remote = await self._remote_keys(url, kid)
+            remote = await self._remote_keys(iss, url, kid)
             candidates += [k for k in remote.keys if k.kid == kid]
             if remote.error:
                 errors.append(f"{url}: {remote.error}")
         if not candidates:
             why = f"; fetching keys failed: {'; '.join(errors)}" if errors else ""
-            raise AuthError(f"no key with kid {_show(kid)} in the trusted key sets{why}", reason="unknown_kid")
+            raise AuthError(
+                f"no key with kid {_show(kid)} in the key sets of iss {_show(iss)}{why}", reason="unknown_kid"
+            )
         kty, crv = ALGORITHMS[alg]
         usable, refused = [], []
         for key in candidates:
@@ -531,15 +768,16 @@ class Authenticator:
             )
         return usable
 
-    async def _remote_keys(self, url: str, kid: str) -> _RemoteSet:
-        """The cached set of ``url``, fetched first when missing, old, or lacking ``kid`` (rate limited)."""
-        entry = self._sets.get(url)
+    async def _remote_keys(self, iss: str, url: str, kid: str) -> _RemoteSet:
+        """The cached set of ``url`` for ``iss``, fetched first when missing, old, or lacking ``kid`` (rate limited)."""
+        slot = (iss, url)
+        entry = self._sets.get(slot)
         if entry is None or self._wants_fetch(entry, kid):
-            async with self._locks.setdefault(url, anyio.Lock()):
+            async with self._locks.setdefault(slot, anyio.Lock()):
                 # Whoever waited on the lock finds the set the first one fetched.
-                entry = self._sets.get(url)
+                entry = self._sets.get(slot)
                 if entry is None or self._wants_fetch(entry, kid):
-                    entry = await self._refresh(url, entry)
+                    entry = await self._refresh(slot, entry)
         if entry.keys and self._clock() - entry.fetched_at > JWKS_MAX_STALE_S:
             return _RemoteSet(error=f"keys are older than {JWKS_MAX_STALE_S:.0f} s and refreshing fails")
         return entry
@@ -550,7 +788,8 @@ class Authenticator:
             return False
         return now - entry.fetched_at >= JWKS_TTL_S or all(k.kid != kid for k in entry.keys)
 
-    async def _refresh(self, url: str, entry: _RemoteSet | None) -> _RemoteSet:
+    async def _refresh(self, slot: tuple[str, str], entry: _RemoteSet | None) -> _RemoteSet:
+        url = slot[1]
         now = self._clock()
         while self._fetches and self._fetches[0] <= now - 60.0:
             self._fetches.popleft()
@@ -563,7 +802,7 @@ class Authenticator:
                 oldest = min(self._sets, key=lambda u: self._sets[u].attempted_at)
                 del self._sets[oldest]
                 self._locks.pop(oldest, None)
-            entry = self._sets[url] = _RemoteSet()
+            entry = self._sets[slot] = _RemoteSet()
         entry.attempted_at = now
         try:
             body = await self._fetch(url)
@@ -571,11 +810,15 @@ class Authenticator:
         except (httpx.HTTPError, TimeoutError, OSError, ValueError) as exc:
             entry.error = str(exc) or type(exc).__name__
             logger.warning(
-                "JWKS %s could not be refreshed, keeping %d cached keys: %s", url, len(entry.keys), entry.error
+                "JWKS %s of iss %s could not be refreshed, keeping %d cached keys: %s",
+                url,
+                _show(slot[0]),
+                len(entry.keys),
+                entry.error,
             )
             return entry
         entry.fetched_at, entry.error = now, None
-        logger.info("JWKS %s fetched: %d keys", url, len(entry.keys))
+        logger.info("JWKS %s of iss %s fetched: %d keys", url, _show(slot[0]), len(entry.keys))
         return entry
 
     async def _fetch(self, url: str) -> bytes:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -82,6 +83,9 @@ class ServeConfig:
         body_timeout_s: the whole request body must arrive within this (else 408).
         fetch_timeout_s: per request to a CDS client's ``fhirServer``.
         fhir_server_allow: URL prefixes a ``fhirServer`` must start with (empty: https anywhere, http on loopback).
+        replay_db: the SQLite replay cache that worker processes serving together share
+            (:class:`~fhirplug.serve._auth.SharedReplayCache`; ``fhirplug serve --workers N`` sets it); None
+            keeps the replay cache in this process's memory.
     """
 
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -94,6 +98,7 @@ class ServeConfig:
     body_timeout_s: float = 30.0
     fetch_timeout_s: float = 10.0
     fhir_server_allow: tuple[str, ...] = ()
+    replay_db: str | None = None
 
     def __post_init__(self) -> None:
         if "*" in self.cors_origins:
@@ -134,7 +139,7 @@ class _State:
             limits=httpx.Limits(max_connections=32),
             trust_env=False,  # no proxy from the environment sees the token
         )
-        self.authenticator = Authenticator(config.auth, http=self.http)
+        self.authenticator = Authenticator(config.auth, http=self.http, replay_db=config.replay_db)
         self.ready = False
         self.max_request_bytes = max(s.plugin.budget.max_request_bytes for s in self.services.values())
 
@@ -615,6 +620,7 @@ class _Guard:
                 "method": scope["method"],
                 "status": status,
                 "ms": round(elapsed * 1000, 1),
+                "pid": os.getpid(),  # which worker of fhirplug serve --workers N answered
                 **fields,
             }
             log.info(json.dumps(record, default=str))

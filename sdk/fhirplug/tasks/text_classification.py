@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fhirplug._abstain import Abstainer
+from fhirplug._abstain import Abstainer, mean_embeddings
 from fhirplug.errors import TaskError
 from fhirplug.fhir.outcome import Issue
 from fhirplug.manifest import Manifest
@@ -101,7 +101,9 @@ class TextClassification(Task):
                 f"{bundle.path}: calibration.abstention reads the model output {spec.output!r}, which variant(s) "
                 f"{lacking} do not name in output_names"
             )
-        self.abstainer = Abstainer.from_bytes(bundle.read(spec.file), str(bundle.path / spec.file), spec.threshold)
+        self.abstainer = Abstainer.from_bytes(
+            bundle.read(spec.file), str(bundle.path / spec.file), spec.threshold, spec.discriminator_threshold
+        )
 
     def check_model(self, output_shape: Sequence[int | str | None]) -> None:
         width = output_shape[-1] if output_shape else None
@@ -128,8 +130,13 @@ class TextClassification(Task):
         groups: list[list[int]] = [[] for _ in range(n_texts)]
         for i, window in enumerate(windows):
             groups[window.text_index].append(i)
+        embeddings = None
+        if self.abstainer is not None:
+            for row in outputs:
+                self._split(row)  # every row has k logits + the abstention model's embedding width
+            embeddings = mean_embeddings([w.text_index for w in windows], outputs, len(self.labels), n_texts)
         out = []
-        for members in groups:
+        for t, members in enumerate(groups):
             if not members:
                 empty = np.full(len(self.labels), np.nan)
                 out.append(_Text(empty, empty[None, :], members))
@@ -140,15 +147,8 @@ class TextClassification(Task):
             )
             probs = aggregate(matrix, self.multi_label)
             distance, why = float("nan"), None
-            if self.abstainer is not None:
-                embedding = np.stack([e for _, e in parts if e is not None]).mean(axis=0)
-                distance = float(self.abstainer.distances(embedding[None, :])[0])
-                if not distance <= self.abstainer.threshold:  # NaN abstains too
-                    why = (
-                        f"the text is outside this plugin's domain: Mahalanobis distance {distance:.2f} of its "
-                        f"embedding to the nearest class of the training data is above the calibrated "
-                        f"{self.abstainer.threshold:.2f}"
-                    )
+            if self.abstainer is not None and embeddings is not None:
+                distance, why = self.abstainer.reason(embeddings[t])
             floor = self.calibration.min_probability
             if why is None and not self.multi_label and floor > 0 and float(probs.max()) < floor:
                 top = self.labels[int(np.argmax(probs))].label
