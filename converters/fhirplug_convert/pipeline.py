@@ -89,6 +89,9 @@ def _command(recipe: Recipe, out_dir: Path, overrides: dict[str, Any]) -> str:
     for name, value in sorted(overrides.items()):
         if value is not None and name in ("max_steps", "epochs", "max_train_examples"):
             parts += [f"--{name.replace('_', '-')}", str(value)]
+    if overrides.get("from_checkpoint") is not None:
+        # Packaged again without training: say so, and from what (the checkpoint came from --save-checkpoint).
+        parts += ["--from-checkpoint", portable_path(Path(overrides["from_checkpoint"]).resolve(), folder)]
     return shlex.join(parts)
 
 
@@ -189,7 +192,8 @@ def convert(
 
     record = {"resolved": resolved, "search": search, "timings": timings}
     with tempfile.TemporaryDirectory(prefix="fhirplug-convert-") as tmp:
-        result = _build(recipe, trained, tokenizer, splits, Path(tmp), out, sign_key, overrides, say, lap, record)
+        shown = {**overrides, "from_checkpoint": from_checkpoint} if from_checkpoint is not None else overrides
+        result = _build(recipe, trained, tokenizer, splits, Path(tmp), out, sign_key, shown, say, lap, record)
     lap("manifest")
     return ConvertResult(result.bundle, result.manifest, result.metrics, result.parity, result.fused_operators, timings)
 

@@ -202,8 +202,11 @@ def write_recipe(
 
 def is_classifier_weight_scale(name: str) -> bool:
     """What scales the int8 model's classifier weights: the fp32 weight itself (static int8 keeps the classifier
-    fp32) or its quantization scale (dynamic: ``..._weight_Transposed_scale``). Negating it flips decisions."""
-    return name.endswith("classifier.weight") or ("classifier.weight" in name and name.endswith("_scale"))
+    fp32, as ``classifier.weight_Transposed`` once the embedding-table pass has run) or its quantization scale
+    (dynamic: ``..._weight_Transposed_scale``). Negating it flips decisions."""
+    return name.endswith(("classifier.weight", "classifier.weight_Transposed")) or (
+        "classifier.weight" in name and name.endswith("_scale")
+    )
 
 
 def corrupt_int8(monkeypatch: pytest.MonkeyPatch) -> None:
