@@ -8,8 +8,9 @@ authentication off because the JWT check is not what is measured here) and each 
 own keep-alive ``httpx.Client`` POSTing the plugin's example FHIR inputs (``plugins/<name>/examples/*.json``) to
 ``/fhir/$predict`` in turn, for ``--seconds`` per client count. Reported per mode and client count: requests/s,
 p50/p95/p99 latency (ms), errors (any status but 200, any exception) and the server's RSS (``VmRSS`` at the end,
-``VmHWM`` peak) from ``/proc/PID/status``. Everything stops by itself: each phase has a deadline, the server is
-stopped at the end (and killed if it does not stop).
+``VmHWM`` peak) from ``/proc/PID/status``, and the RSS of every process of the server (psutil: with ``--workers N``
+the supervisor and each worker) once ready and after each phase. Everything stops by itself: each phase has a
+deadline, the server is stopped at the end (and killed if it does not stop).
 
 The aims (issue 13, 2 CPU cores): 0 errors, batched ≥ 1.5× the unbatched throughput at 16 clients, and batched
 p99 at 16 clients ≤ 3× the single-client p50.
@@ -90,6 +91,21 @@ class Server:
     def rss(self) -> dict[str, int]:
         return _rss_kb(self.process.pid)
 
+    def tree_rss(self) -> dict[str, Any]:
+        """RSS (KiB) of the server and each of its descendants (``--workers N``: the supervisor and the workers)."""
+        import psutil
+
+        root = psutil.Process(self.process.pid)
+        rows = []
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                rows.append(
+                    {"pid": proc.pid, "rss_kb": proc.memory_info().rss // 1024, "cmd": " ".join(proc.cmdline()[-3:])}
+                )
+            except psutil.Error:
+                continue
+        return {"processes": rows, "total_kb": sum(r["rss_kb"] for r in rows)}
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -157,6 +173,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,16", help="comma-separated client counts (default 1,4,16)")
     parser.add_argument("--max-batch", type=int, default=32, help="texts per model run when batching (default 32)")
     parser.add_argument("--max-wait-ms", type=float, default=5, help="batching wait (default 5 ms)")
+    parser.add_argument("--workers", type=int, default=1, help="fhirplug serve --workers (default 1)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     examples = sorted((args.plugin.parent / "examples").glob("*.json"))
@@ -164,9 +181,10 @@ def main() -> None:
         raise SystemExit(f"no examples under {args.plugin.parent / 'examples'}")
     bodies = [p.read_bytes() for p in examples]
     counts = [int(c) for c in args.clients.split(",")]
+    workers = ["--workers", str(args.workers)] if args.workers != 1 else []
     modes = {
-        "batched": ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)],
-        "unbatched": ["--max-batch", "1", "--max-wait-ms", "0"],
+        "batched": ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), *workers],
+        "unbatched": ["--max-batch", "1", "--max-wait-ms", "0", *workers],
     }
     report: dict[str, Any] = {
         "command": shlex.join(["python", *sys.argv]),
@@ -179,21 +197,24 @@ def main() -> None:
     for mode, extra in modes.items():
         server = Server(args.plugin, extra)
         try:
+            idle = server.tree_rss()
             phases = []
             for clients in counts:
                 phase = _phase(server.url, bodies, clients, args.seconds)
                 phase["server_rss_kb"] = server.rss()
+                phase["process_tree_rss"] = server.tree_rss()
                 phases.append(phase)
                 print(
                     f"{mode:9} {clients:3} client(s): {phase['requests_per_s']:7.2f} req/s  p50 {phase['p50_ms']} "
                     f"p95 {phase['p95_ms']} p99 {phase['p99_ms']} ms  errors {phase['errors']}  "
-                    f"RSS {phase['server_rss_kb'].get('VmRSS', 0) / 1024:.0f} MiB",
+                    f"RSS {phase['server_rss_kb'].get('VmRSS', 0) / 1024:.0f} MiB "
+                    f"(all processes {phase['process_tree_rss']['total_kb'] / 1024:.0f} MiB)",
                     flush=True,
                 )
             shown = ["python"] + [
                 str(Path(a).relative_to(REPO)) if Path(a).is_relative_to(REPO) else a for a in server.command[1:]
             ]
-            report["modes"][mode] = {"server": shlex.join(shown), "phases": phases}
+            report["modes"][mode] = {"server": shlex.join(shown), "idle_process_tree_rss": idle, "phases": phases}
         finally:
             server.stop()
     batched, unbatched = report["modes"]["batched"]["phases"], report["modes"]["unbatched"]["phases"]

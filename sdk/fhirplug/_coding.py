@@ -266,6 +266,9 @@ def _load_npz(data: bytes, source: str, what: str = "the terminology files canno
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             members = archive.infolist()
+            if len({info.filename for info in members}) != len(members):
+                # np.load reads the last of a repeated name: every member checked must be the one loaded.
+                raise TaskError(f"{source}: {what}: the archive repeats a member name")
             total = sum(info.file_size for info in members)
             if total > MAX_VECTORS_BYTES:
                 raise TaskError(
@@ -279,6 +282,8 @@ def _load_npz(data: bytes, source: str, what: str = "the terminology files canno
                         shape, _, dtype = npy_format.read_array_header_1_0(member)
                     else:
                         shape, _, dtype = npy_format.read_array_header_2_0(member)
+                if any(not isinstance(n, int) or n < 0 for n in shape) or dtype.itemsize <= 0 or dtype.hasobject:
+                    raise TaskError(f"{source}: {what}: member {info.filename!r} declares shape {shape} of {dtype}")
                 declared += int(np.prod(shape, dtype=object)) * dtype.itemsize
                 if declared > MAX_VECTORS_BYTES:
                     raise TaskError(
@@ -286,7 +291,7 @@ def _load_npz(data: bytes, source: str, what: str = "the terminology files canno
                     )
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
             return {k: arrays[k] for k in arrays.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, TypeError) as exc:
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, TypeError, MemoryError) as exc:
         raise TaskError(f"{source}: {what}: not an .npz archive of plain arrays ({exc})") from exc
 
 

@@ -201,6 +201,25 @@ def test_an_abstention_file_declaring_terabytes_is_refused_before_allocation() -
         Abstainer.from_bytes(data, "abstention.npz", 1.0)
 
 
+def test_a_negative_declared_dimension_or_a_repeated_member_is_refused() -> None:
+    """Was: a member declaring shape (2**40, -1) added a negative size to the declared total, and a second member
+    of the same name (the one np.load reads) passed the check: MemoryError (2 TiB) out of np.load."""
+    import warnings
+
+    negative = _declared_npz({"whitening": (2**40, -1), "means": (1, 2)})
+    with pytest.raises(TaskError, match=r"declares shape \(1099511627776, -1\)"):
+        Abstainer.from_bytes(negative, "abstention.npz", 1.0)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), zipfile.ZipFile(buffer, "w") as archive:
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name it writes
+        for shape in ((2**40, -1), (2, 2)):
+            header = io.BytesIO()
+            npy_format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
+            archive.writestr("whitening.npy", header.getvalue() + b"\0" * 16)
+    with pytest.raises(TaskError, match="repeats a member name"):
+        Abstainer.from_bytes(buffer.getvalue(), "abstention.npz", 1.0)
+
+
 def test_a_bundle_with_such_an_abstention_file_fails_to_load_with_one_error(tmp_path: Path) -> None:
     bundle = tmp_path / "bundle"
     shutil.copytree(TINY_PLUGIN, bundle)

@@ -311,6 +311,11 @@ def test_evidence_segments_zero_gives_window_evidence_and_is_part_of_the_run(tmp
 
     with pytest.raises(UsageError, match="holds a run"):
         score(TINY, [source], tmp_path / "window", allow_unsigned=True, transaction_time=WHEN, evidence_segments=4)
+    # The same effective setting is the same run: 1 occludes nothing, as 0 does; 8 is the default.
+    again = score(TINY, [source], tmp_path / "window", allow_unsigned=True, transaction_time=WHEN, evidence_segments=1)
+    assert again.already_complete
+    kept = score(TINY, [source], tmp_path / "occluded", allow_unsigned=True, transaction_time=WHEN, evidence_segments=8)
+    assert kept.already_complete
     refused = CliRunner().invoke(
         main,
         ["score", TINY, str(source), "--out", str(tmp_path / "cli"), "--allow-unsigned", "--evidence-segments", "-1"],

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fhirplug._budget import DEFAULT_BUDGET, Budget
+from fhirplug._explain import EVIDENCE_SEGMENTS
 from fhirplug.bulk._inputs import InputFile, discover, hash_and_chunk
 from fhirplug.bulk._journal import RunState
 from fhirplug.bulk._progress import Progress
@@ -91,6 +92,12 @@ def _check(value: Any, name: str, minimum: int = 1) -> int:
     return value
 
 
+def _effective_segments(spec: PluginSpec) -> int:
+    """What the plugin will occlude: its default when not given, and 0 for every value that turns it off."""
+    value = EVIDENCE_SEGMENTS if spec.evidence_segments is None else spec.evidence_segments
+    return value if value >= 2 else 0
+
+
 def _run_key(
     plugin_sha: str, variant: str, spec: PluginSpec, budget: Budget, chunk_lines: int, files: list[InputFile]
 ) -> str:
@@ -102,8 +109,9 @@ def _run_key(
         "provider": spec.provider,
         "budget": asdict(budget),
         "chunk_lines": chunk_lines,
-        # Evidence offsets are part of the output; absent when the plugin's default is used (older runs resume).
-        **({"evidence_segments": spec.evidence_segments} if spec.evidence_segments is not None else {}),
+        # Evidence offsets are part of the output: keyed on the effective setting (below 2 = no occlusion), left
+        # out at today's default so that runs started before the option existed still resume.
+        **({"evidence_segments": segments} if (segments := _effective_segments(spec)) != EVIDENCE_SEGMENTS else {}),
         "inputs": [[f.label, f.sha256] for f in files],
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()

@@ -110,6 +110,15 @@ _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 _ENCODED_SEPARATOR = re.compile(r"%(?:2e|2f|5c)", re.IGNORECASE)
 
 
+def _encodable(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (JSON allows lone surrogates, which UTF-8 and SQLite do not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class AuthError(FhirplugError):
     """A request's credentials are refused. The message is for the log; the client gets a bare 401.
 
@@ -705,7 +714,7 @@ class Authenticator:
                 reason="lifetime",
             )
         jti = claims.get("jti")
-        if not isinstance(jti, str) or not jti or len(jti) > MAX_FIELD_CHARS:
+        if not isinstance(jti, str) or not jti or len(jti) > MAX_FIELD_CHARS or not _encodable(jti):
             raise AuthError(f"JWT jti is missing or invalid {where}; CDS Hooks requires a nonce", reason="bad_jti")
         sub, tenant = claims.get("sub"), claims.get("tenant")
         if sub is not None and not isinstance(sub, str):

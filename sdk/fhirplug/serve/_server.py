@@ -382,8 +382,9 @@ def _worker_main(spec: AppSpec, sock: socket.socket, index: int, conn: Connectio
         conn.send(("failed", exc.exit_code, str(exc)))
         raise SystemExit(exc.exit_code) from None
     except Exception as exc:
+        # The supervisor prints this one line and exits 1; a traceback on the shared stderr would say no more.
         conn.send(("failed", 1, f"worker {index} failed while loading: {type(exc).__name__}: {exc}"))
-        raise
+        raise SystemExit(1) from None
     server = uvicorn_server(app)
     names = list(app.state.fhirplug.services)
     threading.Thread(target=_report_then_watch, args=(server, conn, names), name="fhirplug-watch", daemon=True).start()

@@ -385,6 +385,12 @@ def test_missing_required_claim_is_refused(jwks_file: Path, claim: str, reason: 
     assert refused(AuthConfig(jwks=(str(jwks_file),), issuers=(ISS,)), "Bearer " + token).reason == reason
 
 
+def test_a_jti_with_a_lone_surrogate_is_refused_as_invalid(jwks_file: Path) -> None:
+    """JSON allows "\\udc80"; UTF-8 (and the shared SQLite replay cache) does not: a 401, never a 500."""
+    token = make_token(EC384, jti="abc\udc80")
+    assert refused(AuthConfig(jwks=(str(jwks_file),), issuers=(ISS,)), "Bearer " + token).reason == "bad_jti"
+
+
 def test_replayed_jti_is_refused_but_a_fresh_one_passes(jwks_file: Path) -> None:
     async def go() -> list[str]:
         async with Authenticator(AuthConfig(jwks=(str(jwks_file),), issuers=(ISS,))) as auth:
