@@ -201,6 +201,19 @@ def read_bundle(corpus: str, run: str, out: Path, extra: dict[str, Any]) -> dict
     return row
 
 
+def _write_report(
+    args: argparse.Namespace, argv: list[str] | None, texts: int | None, rows: list[dict[str, Any]]
+) -> None:
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "command": "python benchmarks/recipe_defaults.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+        "texts": texts,
+        "runs": rows,
+    }
+    args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("corpus", choices=sorted(CORPORA))
@@ -221,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             row = run_one(args.corpus, run, work)
             rows.append(row)
             print(json.dumps({k: row[k] for k in row if k not in ("resolved", "search")}), flush=True)
+            if args.json:  # after every run: a long benchmark stopped part way keeps what it measured
+                _write_report(args, argv, texts, rows)
     best = max((r["fp32"] for r in rows if r.get("fp32") is not None), default=None)
     print(f"\n{args.corpus}: test metric of fp32 (int8), wall time; best {best}")
     for row in rows:
@@ -235,14 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     failed = [r["run"] for r in rows if r.get("fp32") is None]
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        report = {
-            "command": "python benchmarks/recipe_defaults.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
-            "texts": texts,
-            "runs": rows,
-        }
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        _write_report(args, argv, texts, rows)
     return 1 if failed else 0
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from fhirplug_convert import finetune
+from fhirplug_convert.datasets import load_splits
+from fhirplug_convert.pipeline import set_calibration_split
 from fhirplug_convert.recipe import load_recipe, resolve_base_model
 
 EPOCH = re.compile(r"epoch (\d+): step (\d+), train loss ([\d.]+), validation (\w+) ([\d.]+)")
@@ -49,7 +51,9 @@ def main(recipe_path: str, trainer_checkpoint: str, out: str, log: str) -> None:
         best_epoch=round(state["epoch"]),
         history=history,
     )
-    finetune.save_checkpoint(trained, base, out)
+    # The splits the run trained on: the recipe's, recomputed as the converter computes them.
+    splits = set_calibration_split(recipe, load_splits(recipe))
+    finetune.save_checkpoint(trained, base, out, finetune.splits_fingerprint(splits))
     print(f"saved {out}: {state['global_step']} steps, history {history}")
 
 

@@ -9,6 +9,7 @@ that module (:class:`PromptTuningModel`), and so inside the exported graph.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import sys
@@ -162,7 +163,20 @@ def load_pretrained(base: str, auto_class: str, labels: Sequence[str], **options
 TRAINING_RECORD = "fhirplug-training.json"
 
 
-def save_checkpoint(trained: TrainedModel, base: str, folder: str | Path) -> None:
+def splits_fingerprint(splits: Any) -> dict[str, str]:
+    """sha256 per split of its texts and labels, in order: what ``load_checkpoint`` compares so that a model
+    trained on other splits (whose training data may hold today's test rows) is never packaged as this recipe's."""
+    out = {}
+    for name in ("train", "validation", "test"):
+        digest = hashlib.sha256()
+        for example in getattr(splits, name):
+            digest.update(json.dumps([example.text, sorted(example.labels)], ensure_ascii=False).encode())
+            digest.update(b"\n")
+        out[name] = digest.hexdigest()
+    return out
+
+
+def save_checkpoint(trained: TrainedModel, base: str, folder: str | Path, splits: dict[str, str] | None = None) -> None:
     """The trained model as a Hugging Face checkpoint (``save_pretrained``) plus the base model's tokenizer and
     ``fhirplug-training.json`` (steps, best epoch, history, parameter counts) for ``load_checkpoint``.
 
@@ -184,11 +198,14 @@ def save_checkpoint(trained: TrainedModel, base: str, folder: str | Path) -> Non
         "steps": trained.steps,
         "best_epoch": trained.best_epoch,
         "history": trained.history,
+        **({"splits": splits} if splits is not None else {}),
     }
     (Path(folder) / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
-def load_checkpoint(folder: str | Path, recipe: Recipe) -> tuple[TrainedModel, Tokenizer]:
+def load_checkpoint(
+    folder: str | Path, recipe: Recipe, splits: dict[str, str] | None = None
+) -> tuple[TrainedModel, Tokenizer, bool]:
     """A model this recipe fine-tuned earlier (saved by ``--save-checkpoint``), to export and package again
     without training. Its labels must be the recipe's, in order.
 
@@ -218,7 +235,18 @@ def load_checkpoint(folder: str | Path, recipe: Recipe) -> tuple[TrainedModel, T
         model, tokenizer = load_tagger(str(path), recipe.label_names)
     else:
         model, tokenizer = load_base(str(path), recipe.label_names, recipe.output.multi_label)
-    record = json.loads(record_path.read_text(encoding="utf-8"))
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        saved_splits = record.get("splits")
+        int(record["max_tokens"]), int(record["steps"]), int(record["best_epoch"]), list(record["history"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConvertError(f"--from-checkpoint {folder}: {TRAINING_RECORD} is not a training record ({exc})") from exc
+    if saved_splits is not None and splits is not None and saved_splits != splits:
+        differ = [k for k in splits if saved_splits.get(k) != splits[k]]
+        raise ConvertError(
+            f"--from-checkpoint {folder}: it was trained on other data splits ({', '.join(differ)} differ from this "
+            "recipe's): its training data may hold this recipe's test rows"
+        )
     max_tokens = window_size(model.config, recipe)
     if int(record["max_tokens"]) != max_tokens:
         raise ConvertError(
@@ -235,7 +263,7 @@ def load_checkpoint(folder: str | Path, recipe: Recipe) -> tuple[TrainedModel, T
         best_epoch=int(record["best_epoch"]),
         history=list(record["history"]),
     )
-    return trained, tokenizer
+    return trained, tokenizer, saved_splits is not None
 
 
 def _is_head(name: str) -> bool:

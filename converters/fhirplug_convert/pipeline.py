@@ -160,8 +160,15 @@ def convert(
 
     search: dict[str, Any] | None = None
     if from_checkpoint is not None:
-        trained, tokenizer = finetune.load_checkpoint(from_checkpoint, recipe)
+        trained, tokenizer, verified = finetune.load_checkpoint(
+            from_checkpoint, recipe, finetune.splits_fingerprint(splits)
+        )
         say(f"loaded the model this recipe fine-tuned earlier from {from_checkpoint} (no training)")
+        if not verified:
+            say(
+                "warning: the checkpoint records no data splits (saved by an older converter): that it was trained "
+                "on this recipe's training split cannot be checked"
+            )
     else:
         trainer = _TASKS[recipe.task].train
 
@@ -187,7 +194,7 @@ def convert(
     lap("train")
     if checkpoint is not None:
         # Full, BitFit and (merged) LoRA models are a plain Hugging Face classifier inside LogitsModel.
-        finetune.save_checkpoint(trained, str(base), checkpoint)
+        finetune.save_checkpoint(trained, str(base), checkpoint, finetune.splits_fingerprint(splits))
         say(f"saved the PyTorch checkpoint to {checkpoint}")
 
     record = {"resolved": resolved, "search": search, "timings": timings}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +123,21 @@ def test_from_checkpoint_refuses_other_labels(full_bundle: tuple[Path, Path], ti
         convert(recipe, tmp_path / "x", progress=False, from_checkpoint=checkpoint)
     with pytest.raises(ConvertError, match="not a checkpoint saved by --save-checkpoint"):
         convert(recipe, tmp_path / "y", progress=False, from_checkpoint=tmp_path)
+
+
+def test_from_checkpoint_refuses_a_model_trained_on_other_splits(
+    full_bundle: tuple[Path, Path], tiny_base: Path, tmp_path: Path
+) -> None:
+    """Another split seed puts other rows in the test split, some of which this checkpoint was trained on."""
+    _, checkpoint = full_bundle
+    record = json.loads((checkpoint / "fhirplug-training.json").read_text())
+    assert set(record["splits"]) == {"train", "validation", "test"}
+    recipe = write_recipe(tmp_path, tiny_base)
+    recipe.write_text(recipe.read_text().replace("seed = 3", "seed = 4"), encoding="utf-8")
+    with pytest.raises(ConvertError, match=r"trained on other data splits \(train, validation, test differ"):
+        convert(recipe, tmp_path / "x", progress=False, from_checkpoint=checkpoint)
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    (broken / "fhirplug-training.json").write_text("{}")
+    with pytest.raises(ConvertError, match="is not a training record"):
+        convert(write_recipe(tmp_path, tiny_base), tmp_path / "y", progress=False, from_checkpoint=broken)
