@@ -31,11 +31,12 @@ fusion, whose QKV projections then quantize too: that is the int8 source graph t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -54,6 +55,22 @@ class _DropPreprocessHint(logging.Filter):
     # the parity gate is what tells whether the int8 model is good, so the hint is noise to a user.
     def filter(self, record: logging.LogRecord) -> bool:
         return "pre-processing before quantization" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quantizer(what: str) -> Iterator[None]:
+    """Run onnxruntime's quantizer: its pre-processing hint filtered out, its plain Exceptions as ConvertError."""
+    hint = _DropPreprocessHint()
+    root = logging.getLogger()
+    root.addFilter(hint)
+    try:
+        yield
+    except ConvertError:
+        raise
+    except Exception as exc:  # onnxruntime.quantization raises plain Exceptions
+        raise ConvertError(f"{what} failed: {exc}") from exc
+    finally:
+        root.removeFilter(hint)
 
 
 def quantize_int8(
@@ -86,10 +103,7 @@ def quantize_int8(
         return
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    hint = _DropPreprocessHint()
-    root = logging.getLogger()
-    root.addFilter(hint)
-    try:
+    with _quantizer(f"int8 quantization of {source.name}"):
         quantize_dynamic(
             str(source),
             str(target),
@@ -98,10 +112,6 @@ def quantize_int8(
             nodes_to_exclude=list(keep_fp32),
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
-    except Exception as exc:  # onnxruntime.quantization raises plain Exceptions
-        raise ConvertError(f"int8 quantization of {source.name} failed: {exc}") from exc
-    finally:
-        root.removeFilter(hint)
 
 
 def _quantize_static(
@@ -130,43 +140,38 @@ def _quantize_static(
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._feeds, None)
 
-    hint = _DropPreprocessHint()
-    root = logging.getLogger()
-    root.addFilter(hint)
-    with tempfile.TemporaryDirectory(prefix="fhirplug-int8-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="fhirplug-int8-") as tmp,
+        _quantizer(f"static int8 quantization of {source.name}"),
+    ):
         # Symbolic shape inference knows the contrib ops of the fused graph (Attention, SkipLayerNormalization):
         # without it their outputs have no type and the quantizer skips the MatMuls after them, then fails on
         # the pooler's bias ("Unable to get valid quantization scale").
         typed = Path(tmp) / "typed.onnx"
-        try:
-            # auto_merge: prompt tuning concatenates virtual tokens onto the sequence axis, and symbolic
-            # inference otherwise gives up on the two sequence lengths it cannot prove equal.
-            quant_pre_process(str(source), str(typed), skip_optimization=True, auto_merge=True)
-            quantize_static(
-                str(typed),
-                str(target),
-                Reader(),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
-                op_types_to_quantize=["MatMul"],
-                nodes_to_exclude=list(keep_fp32),
-                # Ranges are measured where int8 runs (the CPU provider), even on a machine with a GPU.
-                calibration_providers=["CPUExecutionProvider"],
-                extra_options={
-                    "DefaultTensorType": onnx.TensorProto.FLOAT,
-                    # MatMul outputs stay float: onnxruntime then fuses DequantizeLinear + MatMul into
-                    # MatMulIntegerToFloat (int8 GEMM, fp32 out) instead of QLinearMatMul + a Quantize/Dequantize
-                    # pair. Measured on MiniLM: max |Δlogit| vs fp32 0.0036 instead of 0.0095, and faster.
-                    "OpTypesToExcludeOutputQuantization": ["MatMul"],
-                },
-            )
-        except Exception as exc:  # onnxruntime.quantization raises plain Exceptions
-            raise ConvertError(f"static int8 quantization of {source.name} failed: {exc}") from exc
-        finally:
-            root.removeFilter(hint)
+        # auto_merge: prompt tuning concatenates virtual tokens onto the sequence axis, and symbolic
+        # inference otherwise gives up on the two sequence lengths it cannot prove equal.
+        quant_pre_process(str(source), str(typed), skip_optimization=True, auto_merge=True)
+        quantize_static(
+            str(typed),
+            str(target),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            op_types_to_quantize=["MatMul"],
+            nodes_to_exclude=list(keep_fp32),
+            # Ranges are measured where int8 runs (the CPU provider), even on a machine with a GPU.
+            calibration_providers=["CPUExecutionProvider"],
+            extra_options={
+                "DefaultTensorType": onnx.TensorProto.FLOAT,
+                # MatMul outputs stay float: onnxruntime then fuses DequantizeLinear + MatMul into
+                # MatMulIntegerToFloat (int8 GEMM, fp32 out) instead of QLinearMatMul + a Quantize/Dequantize
+                # pair. Measured on MiniLM: max |Δlogit| vs fp32 0.0036 instead of 0.0095, and faster.
+                "OpTypesToExcludeOutputQuantization": ["MatMul"],
+            },
+        )
     _quantize_embedding_tables(target)
 
 
@@ -192,12 +197,9 @@ def _quantize_embedding_tables(path: Path) -> None:
     nodes = embedding_gathers(onnx.load(str(path), load_external_data=False))
     if not nodes:
         return
-    hint = _DropPreprocessHint()
-    root = logging.getLogger()
-    root.addFilter(hint)
     with tempfile.TemporaryDirectory(prefix="fhirplug-int8-") as tmp:
         out = Path(tmp) / "tables.onnx"
-        try:
+        with _quantizer(f"int8 quantization of the embedding tables of {path.name}"):
             quantize_dynamic(
                 str(path),
                 str(out),
@@ -206,10 +208,6 @@ def _quantize_embedding_tables(path: Path) -> None:
                 nodes_to_quantize=nodes,
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             )
-        except Exception as exc:  # onnxruntime.quantization raises plain Exceptions
-            raise ConvertError(f"int8 quantization of the embedding tables of {path.name} failed: {exc}") from exc
-        finally:
-            root.removeFilter(hint)
         out.replace(path)
 
 
