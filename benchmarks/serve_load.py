@@ -174,6 +174,9 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32, help="texts per model run when batching (default 32)")
     parser.add_argument("--max-wait-ms", type=float, default=5, help="batching wait (default 5 ms)")
     parser.add_argument("--workers", type=int, default=1, help="fhirplug serve --workers (default 1)")
+    parser.add_argument(
+        "--evidence-segments", type=int, help="fhirplug serve --evidence-segments (default: the plugin's, 8)"
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     examples = sorted((args.plugin.parent / "examples").glob("*.json"))
@@ -182,6 +185,8 @@ def main() -> None:
     bodies = [p.read_bytes() for p in examples]
     counts = [int(c) for c in args.clients.split(",")]
     workers = ["--workers", str(args.workers)] if args.workers != 1 else []
+    if args.evidence_segments is not None:
+        workers += ["--evidence-segments", str(args.evidence_segments)]
     modes = {
         "batched": ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), *workers],
         "unbatched": ["--max-batch", "1", "--max-wait-ms", "0", *workers],

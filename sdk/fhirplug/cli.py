@@ -448,6 +448,13 @@ def _explanation_lines(predictions: Sequence[Any]) -> list[str]:
     help="Largest request body (default 50 MiB); a larger one is answered 413 without being read.",
 )
 @click.option(
+    "--evidence-segments",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Text classification: sentences occluded per predicted note to find its evidence (default 8, up to 8 "
+    "more model passes a note); 0: the evidence is the model window.",
+)
+@click.option(
     "--workers",
     type=click.IntRange(min=1),
     default=1,
@@ -476,6 +483,7 @@ def serve(
     max_wait_ms: float,
     queue_size: int,
     max_request_bytes: int | None,
+    evidence_segments: int | None,
     workers: int,
     max_chars: int | None,
     max_input_chars: int | None,
@@ -598,6 +606,7 @@ def serve(
             "threads": threads,
             "budget": budget,
         },
+        evidence_segments=evidence_segments,
     )
 
     def announce(sock: Any, names: Sequence[str]) -> None:

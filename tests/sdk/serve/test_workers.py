@@ -430,3 +430,20 @@ def test_serve_help_names_workers() -> None:
 
     text = CliRunner().invoke(main, ["serve", "--help"]).output
     assert "--workers" in text and "ISS=" in text
+
+
+def test_the_app_spec_sets_every_plugins_evidence_segments() -> None:
+    """``fhirplug serve --evidence-segments 0``: each worker's plugins keep window evidence (one model pass a note)."""
+    from fhirplug._explain import EVIDENCE_SEGMENTS
+    from fhirplug.serve._server import AppSpec
+    from tests.conftest import TINY_PLUGIN
+    from tests.sdk.test_bulk import _note
+
+    options = {"allow_unsigned": True}
+    (default,) = AppSpec((str(TINY_PLUGIN),), ServeConfig(), options).load()
+    (window,) = AppSpec((str(TINY_PLUGIN),), ServeConfig(), options, evidence_segments=0).load()
+    assert (default.evidence_segments, window.evidence_segments) == (EVIDENCE_SEGMENTS, 0)
+    note = "Patient seen in clinic today. Type 2 diabetes, elevated HbA1c on metformin. Vitals normal."
+    (occluded,), (whole,) = default.predict(_note(0, note)).predictions, window.predict(_note(0, note)).predictions
+    assert (occluded.evidence.start, occluded.evidence.end) == (30, 75)
+    assert (whole.evidence.start, whole.evidence.end) == (0, len(note))
