@@ -159,12 +159,11 @@ def recipe_text(corpus: str, run: str, work: Path) -> str:
     return head + data + METHODS[run] + '\n[export]\nvariants = ["fp32", "int8"]\n'
 
 
-def metric_of(metrics: dict[str, Any], variant: str) -> tuple[str, float | None]:
+def metric_of(metrics: dict[str, Any], variant: str, multi_label: bool) -> tuple[str, float | None]:
+    """The card's headline test metric: accuracy (multi-class), micro-F1 (multi-label); None if not packaged."""
+    name = "micro_f1" if multi_label else "accuracy"
     test = metrics.get("test", {}).get(variant)
-    if not test:
-        return "", None
-    name = "accuracy" if "accuracy" in test else "micro_f1"
-    return name, test[name]
+    return name, (test[name] if test else None)
 
 
 def run_one(corpus: str, run: str, work: Path) -> dict[str, Any]:
@@ -191,8 +190,9 @@ def read_bundle(corpus: str, run: str, out: Path, extra: dict[str, Any]) -> dict
     row: dict[str, Any] = {"corpus": corpus, "run": run, **extra}
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    name, fp32 = metric_of(metrics, "fp32")
-    row.update(metric=name, fp32=fp32, int8=metric_of(metrics, "int8")[1])
+    multi_label = bool(manifest.get("outputs", {}).get("multi_label"))
+    name, fp32 = metric_of(metrics, "fp32", multi_label)
+    row.update(metric=name, fp32=fp32, int8=metric_of(metrics, "int8", multi_label)[1])
     training = manifest.get("training", {}).get("details", {})
     row["resolved"] = training.get("resolved")
     row["search"] = metrics.get("search") or training.get("search")
@@ -244,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         gap = (best - row["fp32"]) * 100 if best is not None else 0.0
         print(
-            f"  {row['run']:<13} {row['metric']} {row['fp32']:.4f} ({row['int8']:.4f})  "
-            f"{gap:4.1f} points below best  "
+            f"  {row['run']:<13} {row['metric']} {row['fp32']:.4f} "
+            + (f"({row['int8']:.4f})  " if row["int8"] is not None else "(int8 not packaged)  ")
+            + f"{gap:4.1f} points below best  "
             + (f"{row['wall_s']:.0f} s" if row["wall_s"] is not None else "(committed bundle)")
         )
     failed = [r["run"] for r in rows if r.get("fp32") is None]
