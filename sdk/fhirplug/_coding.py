@@ -282,7 +282,12 @@ def _load_npz(data: bytes, source: str, what: str = "the terminology files canno
                         shape, _, dtype = npy_format.read_array_header_1_0(member)
                     else:
                         shape, _, dtype = npy_format.read_array_header_2_0(member)
-                if any(not isinstance(n, int) or n < 0 for n in shape) or dtype.itemsize <= 0 or dtype.hasobject:
+                if dtype.hasobject:
+                    raise TaskError(
+                        f"{source}: {what}: not an .npz archive of plain arrays (member {info.filename!r} holds "
+                        "Python objects, which would need pickle)"
+                    )
+                if any(not isinstance(n, int) or n < 0 for n in shape) or dtype.itemsize <= 0:
                     raise TaskError(f"{source}: {what}: member {info.filename!r} declares shape {shape} of {dtype}")
                 declared += int(np.prod(shape, dtype=object)) * dtype.itemsize
                 if declared > MAX_VECTORS_BYTES:

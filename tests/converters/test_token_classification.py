@@ -100,7 +100,8 @@ def ner_recipe(folder: Path, base: Path, method: str) -> Path:
 @pytest.fixture(scope="module", params=["full", "lora"])
 def built(request: pytest.FixtureRequest, tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> ConvertResult:
     folder = tmp_path_factory.mktemp(f"ner-{request.param}")
-    return convert(ner_recipe(folder, tiny_base, request.param), folder / "bundle", progress=False)
+    recipe = ner_recipe(folder, tiny_base, request.param)
+    return convert(recipe, folder / "bundle", progress=False, checkpoint=folder / "ckpt")
 
 
 def test_bundle_verifies_and_declares_entities(built: ConvertResult) -> None:
@@ -213,11 +214,11 @@ def test_token_recipe_needs_entities_and_span_data(tmp_path: Path, tiny_base: Pa
         load_recipe(recipe)
 
 
-def test_a_saved_tagger_is_packaged_again_without_training(tiny_base: Path, tmp_path: Path) -> None:
+def test_a_saved_tagger_is_packaged_again_without_training(built: ConvertResult, tmp_path: Path) -> None:
     """``--from-checkpoint`` for token classification: the same BIO model, the same test metrics, no training."""
-    recipe = ner_recipe(tmp_path / "data", tiny_base, "full")
-    first = convert(recipe, tmp_path / "first", progress=False, checkpoint=tmp_path / "ckpt", variants=["fp32"])
-    again = convert(recipe, tmp_path / "again", progress=False, from_checkpoint=tmp_path / "ckpt", variants=["fp32"])
+    folder = built.bundle.parent
+    again = convert(folder / "recipe.toml", tmp_path / "again", progress=False, from_checkpoint=folder / "ckpt")
     assert again.timings.get("train", 0.0) < 30
-    assert again.metrics["test"]["fp32"]["mentions"] == first.metrics["test"]["fp32"]["mentions"]
-    assert again.metrics["history"] == first.metrics["history"]
+    assert again.metrics["test"]["fp32"]["mentions"] == built.metrics["test"]["fp32"]["mentions"]
+    assert "int8" in again.metrics["test"]  # quantized and gated again from the same weights
+    assert again.metrics["history"] == built.metrics["history"]
