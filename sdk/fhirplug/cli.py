@@ -227,6 +227,16 @@ def _budget_options(func: F) -> F:
     return func
 
 
+#: ``serve`` and ``score``: ``load_plugin(evidence_segments=)``.
+_evidence_option = click.option(
+    "--evidence-segments",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Text classification: sentences occluded per predicted note to find its evidence (default 8: up to 8 "
+    "more copies of the note through the model); 0: the evidence is the model window, one model pass a note.",
+)
+
+
 def _budget_from(**given: int | None) -> Any:
     """A Budget from the flags given (the rest keep their defaults)."""
     from fhirplug._budget import Budget
@@ -447,13 +457,7 @@ def _explanation_lines(predictions: Sequence[Any]) -> list[str]:
     default=None,
     help="Largest request body (default 50 MiB); a larger one is answered 413 without being read.",
 )
-@click.option(
-    "--evidence-segments",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Text classification: sentences occluded per predicted note to find its evidence (default 8, up to 8 "
-    "more model passes a note); 0: the evidence is the model window.",
-)
+@_evidence_option
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
@@ -605,8 +609,8 @@ def serve(
             "variant": variant,
             "threads": threads,
             "budget": budget,
+            "evidence_segments": evidence_segments,
         },
-        evidence_segments=evidence_segments,
     )
 
     def announce(sock: Any, names: Sequence[str]) -> None:
@@ -893,13 +897,7 @@ def bench(
     help="Longest input line (default 50 MiB); a longer one is reported as too-costly unread.",
 )
 @click.option("--progress/--no-progress", default=None, help="Progress on stderr (default: on a terminal).")
-@click.option(
-    "--evidence-segments",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Text classification: sentences occluded per predicted note to find its evidence (default 8); 0: the "
-    "evidence is the model window and each note costs one model pass.",
-)
+@_evidence_option
 @_budget_options
 @_load_options
 @_translate

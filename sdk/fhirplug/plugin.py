@@ -128,17 +128,19 @@ class Plugin:
         batch_size: int = 16,
         max_chars: int | None = None,
         budget: Budget | None = None,
+        evidence_segments: int | None = None,
     ) -> None:
         self.budget = _budget(budget, max_chars)
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise UsageError(f"threads must be an integer ≥ 1 or None, got {threads!r}")
+        _check_segments(evidence_segments)
         self.gate = WindowGate(self.budget.max_windows_in_flight)
         manifest = bundle.manifest
         self.manifest: Manifest = manifest
         #: Text classification: at most this many sentence segments per note are occluded to find each code's
         #: evidence (one batched model pass of that many copies of the note); below 2, no occlusion runs and the
         #: evidence is the model window (e.g. for bulk scoring, where it multiplies the model work).
-        self.evidence_segments: int = EVIDENCE_SEGMENTS
+        self.evidence_segments: int = EVIDENCE_SEGMENTS if evidence_segments is None else evidence_segments
         self.path = bundle.path
         self.manifest_sha256 = bundle.manifest_sha256
         self.signed_by = bundle.signed_by
@@ -716,6 +718,11 @@ def _failed(source: TextSource, name: str | None, step: str, exc: BaseException)
     return _failed_label(f"{source.reference} {source.element}", where, name, step, exc)
 
 
+def _check_segments(value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise UsageError(f"evidence_segments must be an integer ≥ 0 or None, got {value!r}")
+
+
 def load_plugin(
     path: str | os.PathLike[str],
     *,
@@ -727,6 +734,7 @@ def load_plugin(
     batch_size: int = 16,
     max_chars: int | None = None,
     budget: Budget | None = None,
+    evidence_segments: int | None = None,
 ) -> Plugin:
     """Verify and load a plugin bundle.
 
@@ -744,12 +752,15 @@ def load_plugin(
         max_chars: longest text read from one element; longer ones are reported as too costly (the same as
             ``budget=Budget(max_chars=N)``; given with ``budget``, it replaces that one field).
         budget: the limits every call is held to (:class:`Budget`; default ``Budget()``).
+        evidence_segments: text classification: the most sentences occluded per predicted note to find its
+            evidence (:attr:`Plugin.evidence_segments`; default 8); 0 or 1: the evidence is the model window.
 
     Raises:
         PluginNotFoundError, ManifestError, IntegrityError, SignatureError, ProviderError, PluginError;
         UsageError for an argument that cannot be used (``batch_size=0``, a bad ``budget``).
     """
     _budget(budget, max_chars)  # misuse fails before minutes of hashing, not after
+    _check_segments(evidence_segments)
     bundle = verify_bundle(
         resolve_plugin(path),
         trusted_keys=[Path(k) for k in trusted_keys],
@@ -763,4 +774,5 @@ def load_plugin(
         batch_size=batch_size,
         max_chars=max_chars,
         budget=budget,
+        evidence_segments=evidence_segments,
     )

@@ -46,7 +46,7 @@ class PluginSpec:
     evidence_segments: int | None = None
 
     def load(self) -> Plugin:
-        plugin = load_plugin(
+        return load_plugin(
             self.path,
             trusted_keys=self.trusted_keys,
             allow_unsigned=self.allow_unsigned,
@@ -54,10 +54,8 @@ class PluginSpec:
             variant=self.variant,
             threads=self.threads,
             budget=self.budget,
+            evidence_segments=self.evidence_segments,
         )
-        if self.evidence_segments is not None:
-            plugin.evidence_segments = self.evidence_segments
-        return plugin
 
 
 _LOADED: dict[PluginSpec, Plugin] = {}

@@ -136,15 +136,12 @@ class AppSpec:
         plugins: bundle directories or discovered plugin names, as ``load_plugin`` takes them.
         config: how to serve.
         load_options: the other keyword arguments of :func:`fhirplug.plugin.load_plugin` (trust, provider,
-            variant, threads, budget).
-        evidence_segments: ``Plugin.evidence_segments`` of every plugin (None: the plugin's default, 8 occluded
-            sentences per predicted note; 0: the model window is the evidence, one model pass per note).
+            variant, threads, budget, evidence_segments).
     """
 
     plugins: tuple[str, ...]
     config: ServeConfig
     load_options: Mapping[str, Any] = field(default_factory=dict)
-    evidence_segments: int | None = None
 
     def load(self) -> list[Plugin]:
         """Verify and load every plugin.
@@ -154,11 +151,7 @@ class AppSpec:
         """
         from fhirplug.plugin import load_plugin
 
-        plugins = [load_plugin(name, **self.load_options) for name in self.plugins]
-        if self.evidence_segments is not None:
-            for plugin in plugins:
-                plugin.evidence_segments = self.evidence_segments
-        return plugins
+        return [load_plugin(name, **self.load_options) for name in self.plugins]
 
     def build(self) -> Starlette:
         """Verify and load every plugin, then make the app.

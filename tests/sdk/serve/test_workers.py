@@ -441,9 +441,14 @@ def test_the_app_spec_sets_every_plugins_evidence_segments() -> None:
 
     options = {"allow_unsigned": True}
     (default,) = AppSpec((str(TINY_PLUGIN),), ServeConfig(), options).load()
-    (window,) = AppSpec((str(TINY_PLUGIN),), ServeConfig(), options, evidence_segments=0).load()
+    (window,) = AppSpec((str(TINY_PLUGIN),), ServeConfig(), {**options, "evidence_segments": 0}).load()
     assert (default.evidence_segments, window.evidence_segments) == (EVIDENCE_SEGMENTS, 0)
     note = "Patient seen in clinic today. Type 2 diabetes, elevated HbA1c on metformin. Vitals normal."
     (occluded,), (whole,) = default.predict(_note(0, note)).predictions, window.predict(_note(0, note)).predictions
     assert (occluded.evidence.start, occluded.evidence.end) == (30, 75)
     assert (whole.evidence.start, whole.evidence.end) == (0, len(note))
+    from fhirplug import load_plugin
+    from fhirplug.errors import UsageError
+
+    with pytest.raises(UsageError, match="evidence_segments must be an integer ≥ 0"):
+        load_plugin(TINY_PLUGIN, allow_unsigned=True, evidence_segments=-1)
