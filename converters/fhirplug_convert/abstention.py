@@ -205,11 +205,7 @@ def choose_discriminator_threshold(
 
 def _abstain(abstainer: Abstainer, embeddings: np.ndarray) -> np.ndarray:
     """The runtime's decision per text (NaN embeddings abstain, as a text without windows does)."""
-    out = np.ones(len(embeddings), dtype=bool)
-    for i, row in enumerate(embeddings):
-        if np.isfinite(row).all():
-            out[i] = abstainer.reason(row)[1] is not None
-    return out
+    return np.array([why is not None for why in abstainer.judge(embeddings)[1]], dtype=bool)
 
 
 def choose_threshold(
@@ -339,13 +335,15 @@ def build_abstention(
     arrays = fit_mahalanobis(train_embeddings, train[1])
     calibration_embeddings = text_embeddings(reference, list(calibration), n_labels)
     inside = distances(arrays, calibration_embeddings)
-    outside = np.concatenate(
-        [distances(arrays, text_embeddings(reference, s.calibration, n_labels)) for s in ood] or [np.empty(0)]
+    hidden = arrays["whitening"].shape[0]
+    out_embeddings = np.concatenate(
+        [text_embeddings(reference, s.calibration, n_labels) for s in ood] or [np.empty((0, hidden))]
     )
+    outside = distances(arrays, out_embeddings)
     threshold, choice = choose_threshold(inside, outside, max_in_domain_rate=spec.max_in_domain_rate)
     discriminator: dict[str, Any] | None = None
+    discriminator_model: tuple[np.ndarray, float, float] | None = None
     if len(outside):
-        out_embeddings = np.concatenate([text_embeddings(reference, s.calibration, n_labels) for s in ood])
         arrays.update(fit_discriminator(arrays, train_embeddings, out_embeddings))
         bias = float(arrays["discriminator_bias"][0])
         probe = Abstainer(arrays["whitening"], arrays["means"], threshold, (arrays["discriminator"], bias, 0.5))
@@ -365,14 +363,8 @@ def build_abstention(
                 float((~(outside <= threshold) | (p_outside > p_threshold)).mean()), 4
             ),
         }
-    abstainer = Abstainer(
-        arrays["whitening"],
-        arrays["means"],
-        threshold,
-        None
-        if discriminator is None
-        else (arrays["discriminator"], float(arrays["discriminator_bias"][0]), p_threshold),
-    )
+        discriminator_model = (arrays["discriminator"], bias, p_threshold)
+    abstainer = Abstainer(arrays["whitening"], arrays["means"], threshold, discriminator_model)
     path = work / "abstention.npz"
     np.savez_compressed(path, **arrays)
     rates: dict[str, dict[str, Any]] = {}
@@ -403,8 +395,8 @@ def build_abstention(
         "rates": rates,
     }
     entry: dict[str, Any] = {"method": method, "file": path.name, "output": "embedding", "threshold": threshold}
-    if discriminator is not None:
-        entry["discriminator_threshold"] = p_threshold
+    if discriminator_model is not None:
+        entry["discriminator_threshold"] = discriminator_model[2]
     return AbstentionResult(path, entry, facts, test_abstains)
 
 

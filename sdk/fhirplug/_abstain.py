@@ -122,35 +122,46 @@ class Abstainer:
 
     def distances(self, embeddings: np.ndarray) -> np.ndarray:
         """``[n]`` distances of ``[n, H]`` text embeddings to the nearest class mean."""
-        z = np.asarray(embeddings, dtype=np.float64) @ self.whitening.T
-        squared = (z * z).sum(axis=1)[:, None] - 2.0 * z @ self.means.T + (self.means * self.means).sum(axis=1)[None]
-        result: np.ndarray = np.sqrt(np.maximum(squared.min(axis=1), 0.0))
-        return result
+        return self._distances(self._whiten(embeddings))
 
     def ood_probability(self, embeddings: np.ndarray) -> np.ndarray:
         """``[n]`` the discriminator's probability that each text is out of domain (NaN without one)."""
-        x = np.asarray(embeddings, dtype=np.float64)
-        if self.discriminator is None:
-            return np.full(len(x), np.nan)
-        weights, bias, _ = self.discriminator
-        logit = np.clip((x @ self.whitening.T) @ weights + bias, -60.0, 60.0)
-        result: np.ndarray = 1.0 / (1.0 + np.exp(-logit))
-        return result
+        return self._probability(self._whiten(embeddings))
 
-    def reason(self, embedding: np.ndarray) -> tuple[float, str | None]:
-        """One text's distance, and why it abstains (None: it is in the domain). NaN abstains."""
-        distance = float(self.distances(embedding[None, :])[0])
-        if not distance <= self.threshold:
-            return distance, (
-                f"the text is outside this plugin's domain: Mahalanobis distance {distance:.2f} of its embedding to "
-                f"the nearest class of the training data is above the calibrated {self.threshold:.2f}"
-            )
-        if self.discriminator is not None:
-            p = float(self.ood_probability(embedding[None, :])[0])
-            if not p <= self.discriminator[2]:
-                return distance, (
+    def judge(self, embeddings: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
+        """``[n]`` distances of ``[n, H]`` text embeddings, and per text why it abstains (None: it is in the
+        domain). A NaN embedding (a text without windows) abstains."""
+        z = self._whiten(embeddings)
+        distances, probabilities = self._distances(z), self._probability(z)
+        reasons: list[str | None] = []
+        for distance, p in zip(distances.tolist(), probabilities.tolist(), strict=True):
+            if not distance <= self.threshold:
+                reasons.append(
+                    f"the text is outside this plugin's domain: Mahalanobis distance {distance:.2f} of its embedding "
+                    f"to the nearest class of the training data is above the calibrated {self.threshold:.2f}"
+                )
+            elif self.discriminator is not None and not p <= self.discriminator[2]:
+                reasons.append(
                     f"the text is outside this plugin's domain: its embedding resembles the out-of-domain texts "
                     f"the plugin was calibrated against (probability {p:.3f} above the calibrated "
                     f"{self.discriminator[2]:.3f})"
                 )
-        return distance, None
+            else:
+                reasons.append(None)
+        return distances, reasons
+
+    def _whiten(self, embeddings: np.ndarray) -> np.ndarray:
+        result: np.ndarray = np.asarray(embeddings, dtype=np.float64) @ self.whitening.T
+        return result
+
+    def _distances(self, z: np.ndarray) -> np.ndarray:
+        squared = (z * z).sum(axis=1)[:, None] - 2.0 * z @ self.means.T + (self.means * self.means).sum(axis=1)[None]
+        result: np.ndarray = np.sqrt(np.maximum(squared.min(axis=1), 0.0))
+        return result
+
+    def _probability(self, z: np.ndarray) -> np.ndarray:
+        if self.discriminator is None:
+            return np.full(len(z), np.nan)
+        weights, bias, _ = self.discriminator
+        result: np.ndarray = 1.0 / (1.0 + np.exp(-np.clip(z @ weights + bias, -60.0, 60.0)))
+        return result

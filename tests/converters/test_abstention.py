@@ -126,8 +126,8 @@ def test_the_discriminator_refuses_a_cloud_between_the_classes_and_keeps_the_in_
     )
     assert 0.5 <= p_threshold < 1
     final = Abstainer(arrays["whitening"], arrays["means"], threshold, (arrays["discriminator"], bias, p_threshold))
-    refused_inside = np.mean([final.reason(row)[1] is not None for row in x[300:]])
-    refused_held_out = np.mean([final.reason(row)[1] is not None for row in held_out])
+    refused_inside = np.mean([why is not None for why in final.judge(x[300:])[1]])
+    refused_held_out = np.mean([why is not None for why in final.judge(held_out)[1]])
     assert refused_inside <= 0.02 and refused_held_out >= 0.95
     # The in-domain budget is shared: texts already refused by distance leave less room for the discriminator.
     p = np.linspace(0.0, 0.99, 100)

@@ -113,42 +113,38 @@ class TextClassification(Task):
                 f"the manifest); the model outputs {list(output_shape)}"
             )
 
-    def _split(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """A window's logits and, with an abstention model, its embedding (``ModelSession.run`` joins them)."""
+    def _logits(self, row: np.ndarray) -> np.ndarray:
+        """A window's logits (``ModelSession.run`` joins them with the abstention model's embedding, if any)."""
         k = len(self.labels)
-        if self.abstainer is None:
-            return row[:k], None
-        if row.shape[-1] != k + self.abstainer.hidden:
+        if self.abstainer is not None and row.shape[-1] != k + self.abstainer.hidden:
             raise TaskError(
                 f"the model gives {row.shape[-1]} values per window; {k} logits + {self.abstainer.hidden} "
                 "embedding values were expected (abstention.npz does not match the model)"
             )
-        return row[:k], row[k:]
+        return row[:k]
 
     def _texts(self, n_texts: int, windows: Sequence[Window], outputs: Sequence[np.ndarray]) -> list[_Text]:
         """Per text: probabilities, the window matrix, the window indices, and whether the plugin abstains."""
         groups: list[list[int]] = [[] for _ in range(n_texts)]
         for i, window in enumerate(windows):
             groups[window.text_index].append(i)
-        embeddings = None
+        logits = [self._logits(row) for row in outputs]
+        distances: np.ndarray = np.full(n_texts, np.nan)
+        reasons: list[str | None] = [None] * n_texts
         if self.abstainer is not None:
-            for row in outputs:
-                self._split(row)  # every row has k logits + the abstention model's embedding width
             embeddings = mean_embeddings([w.text_index for w in windows], outputs, len(self.labels), n_texts)
+            distances, reasons = self.abstainer.judge(embeddings)
         out = []
         for t, members in enumerate(groups):
             if not members:
                 empty = np.full(len(self.labels), np.nan)
                 out.append(_Text(empty, empty[None, :], members))
                 continue
-            parts = [self._split(outputs[i]) for i in members]
             matrix = window_probabilities(
-                np.stack([logits for logits, _ in parts]), self.calibration.temperature, self.multi_label
+                np.stack([logits[i] for i in members]), self.calibration.temperature, self.multi_label
             )
             probs = aggregate(matrix, self.multi_label)
-            distance, why = float("nan"), None
-            if self.abstainer is not None and embeddings is not None:
-                distance, why = self.abstainer.reason(embeddings[t])
+            distance, why = float(distances[t]), reasons[t]
             floor = self.calibration.min_probability
             if why is None and not self.multi_label and floor > 0 and float(probs.max()) < floor:
                 top = self.labels[int(np.argmax(probs))].label
