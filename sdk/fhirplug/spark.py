@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from fhirplug._budget import Budget
-from fhirplug.errors import MissingExtraError
+from fhirplug.errors import MissingExtraError, UsageError
 from fhirplug.fhir.outcome import Issue
 from fhirplug.plugin import Plugin, load_plugin
 from fhirplug.predictions import TextSource
@@ -152,28 +152,49 @@ def predict_dataframe(
     index within its partition) is copied to ``key`` so results join back to the input.
 
     Raises:
-        MissingExtraError: pyspark is not installed.
+        MissingExtraError: pyspark (or pyarrow) is not installed.
+        UsageError: ``df`` is not a DataFrame.
     """
     try:
+        import pyarrow  # noqa: F401  (mapInArrow's batches)
         from pyspark.sql import DataFrame
     except ImportError as exc:
         raise MissingExtraError("spark", "fhirplug.spark.predict_dataframe") from exc
-    assert isinstance(df, DataFrame)
+    if not isinstance(df, DataFrame):  # a Spark Connect DataFrame is one too
+        raise UsageError(f"df must be a pyspark DataFrame, not {type(df).__name__}")
     columns = [key_column, text_column] if key_column else [text_column]
+    options = {
+        "allow_unsigned": allow_unsigned,
+        "trusted_keys": tuple(trusted_keys),
+        "variant": variant,
+        "threads": threads,
+        "chunk": chunk,
+        "budget": budget,
+    }
+    # mapInArrow, not RDD.mapPartitions: DataFrame calls only, so the same code runs on Spark Connect.
+    return df.select(*columns).mapInArrow(
+        functools.partial(_arrow_partition, plugin=plugin, keyed=key_column is not None, options=options),
+        OUTPUT_SCHEMA,
+    )
 
-    def partition(rows: Iterable[Any]) -> Iterator[tuple[Any, ...]]:
-        pairs = ((r[0], r[1]) if key_column else (None, r[0]) for r in rows)
-        outputs = predict_rows(
-            pairs,
-            plugin,
-            allow_unsigned=allow_unsigned,
-            trusted_keys=tuple(trusted_keys),
-            variant=variant,
-            threads=threads,
-            chunk=chunk,
-            budget=budget,
-        )
-        for out in outputs:
-            yield tuple(out[name] for name in _FIELDS)
 
-    return df.sparkSession.createDataFrame(df.select(*columns).rdd.mapPartitions(partition), OUTPUT_SCHEMA)
+def _arrow_partition(batches: Iterator[Any], plugin: str, keyed: bool, options: dict[str, Any]) -> Iterator[Any]:
+    """mapInArrow's function, on an executor: the partition's rows through :func:`predict_rows`, as Arrow."""
+    import pyarrow as pa
+
+    types = {"string": pa.string(), "double": pa.float64(), "int": pa.int32()}
+    schema = pa.schema([(name, types[kind]) for name, kind in (f.split() for f in OUTPUT_SCHEMA.split(","))])
+
+    def pairs() -> Iterator[tuple[Any, Any]]:
+        for batch in batches:
+            for row in zip(*(column.to_pylist() for column in batch.columns), strict=True):
+                yield (row[0], row[1]) if keyed else (None, row[0])
+
+    out: list[dict[str, Any]] = []
+    for row in predict_rows(pairs(), plugin, **options):
+        out.append(row)
+        if len(out) >= options["chunk"]:
+            yield pa.RecordBatch.from_pylist(out, schema=schema)
+            out = []
+    if out:
+        yield pa.RecordBatch.from_pylist(out, schema=schema)

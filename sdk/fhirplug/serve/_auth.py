@@ -99,7 +99,11 @@ JWKS_TIMEOUT_S = 3.0  # per connect / read; the whole fetch gets twice this (a s
 JWKS_TTL_S = 300.0  # a removed (revoked) key stops being trusted this long after the client drops it
 JWKS_MAX_STALE_S = 3600.0  # keep using a set this long when refreshing it fails, then refuse
 JWKS_REFRESH_INTERVAL_S = 60.0  # at most one fetch per URL per minute, whatever tokens arrive
-JWKS_FETCHES_PER_MINUTE = 30  # all URLs together: many allow-listed jku paths must not mean many fetches
+# Fetches of jku URLs that never yet verified a token, per issuer and minute: a forged token naming an allow-listed
+# issuer and a fresh path under its jku prefix costs a fetch, so many such tokens must not mean many fetches; per
+# issuer, so tokens claiming one EHR cannot spend another's budget. A configured JWKS URL (a fixed set, each fetched
+# at most once a minute) and a jku URL that has verified a token refresh outside this budget.
+JWKS_FETCHES_PER_MINUTE = 30
 JWKS_MAX_URLS = 64
 REPLAY_CACHE_MAX = 200_000  # ~40 MB; a full cache refuses (fails closed) rather than forgetting a jti
 
@@ -349,6 +353,7 @@ class _RemoteSet:
     fetched_at: float = -math.inf  # last successful fetch
     attempted_at: float = -math.inf  # last fetch, successful or not: what the rate limit counts
     error: str | None = None
+    proven: bool = False  # a key it served has verified a token's signature
 
 
 @dataclass(frozen=True)
@@ -562,7 +567,7 @@ class Authenticator:
         # Fetched sets are keyed by (issuer, URL): what one issuer's URL served never verifies another's token.
         self._sets: dict[tuple[str, str], _RemoteSet] = {}
         self._locks: dict[tuple[str, str], anyio.Lock] = {}
-        self._fetches: deque[float] = deque()
+        self._fetches: dict[str, deque[float]] = {}  # issuer → when its unproven jku URLs were fetched
         self._replay: _ReplayCache | SharedReplayCache = (
             SharedReplayCache(replay_db, REPLAY_CACHE_MAX) if replay_db is not None else _ReplayCache(REPLAY_CACHE_MAX)
         )
@@ -662,12 +667,14 @@ class Authenticator:
 
         keys = await self._keys_for(iss, kid, alg, jku)
         verifier = jwt.PyJWS()
-        for key in keys:
+        for key, served_by in keys:
             assert key.public is not None  # _keys_for returns usable keys only
             try:
                 verifier.decode_complete(
                     token, key=key.public, algorithms=[alg], options={"enforce_minimum_key_length": True}
                 )
+                if served_by is not None:
+                    served_by.proven = True
                 break
             except jwt.InvalidSignatureError:
                 continue
@@ -729,8 +736,9 @@ class Authenticator:
             tenant=tenant if isinstance(tenant, str) else None,
         )
 
-    async def _keys_for(self, iss: str, kid: str, alg: str, jku: str | None) -> list[_Key]:
-        """The keys of issuer ``iss`` that may verify this token: matching ``kid``, of the type ``alg`` needs."""
+    async def _keys_for(self, iss: str, kid: str, alg: str, jku: str | None) -> list[tuple[_Key, _RemoteSet | None]]:
+        """The keys of issuer ``iss`` that may verify this token (matching ``kid``, of the type ``alg`` needs), each
+        with the fetched set that served it (None: a file key)."""
         trust = self._trust[iss]
         if jku is not None:
             try:
@@ -746,11 +754,11 @@ class Authenticator:
             urls: tuple[str, ...] = (jku,)
         else:
             local, urls = trust.file_keys, trust.urls
-        candidates = [k for k in local if k.kid == kid]
+        candidates: list[tuple[_Key, _RemoteSet | None]] = [(k, None) for k in local if k.kid == kid]
         errors = []
         for url in urls:
-            remote = await self._remote_keys(iss, url, kid)
-            candidates += [k for k in remote.keys if k.kid == kid]
+            remote = await self._remote_keys(iss, url, kid, budgeted=jku is not None)
+            candidates += [(k, remote) for k in remote.keys if k.kid == kid]
             if remote.error:
                 errors.append(f"{url}: {remote.error}")
         if not candidates:
@@ -760,7 +768,7 @@ class Authenticator:
             )
         kty, crv = ALGORITHMS[alg]
         usable, refused = [], []
-        for key in candidates:
+        for key, served_by in candidates:
             if key.problem is not None:
                 refused.append(key.problem)
             elif key.kty != kty or key.crv != crv:
@@ -770,15 +778,16 @@ class Authenticator:
             elif key.alg is not None and key.alg != alg:
                 refused.append(f"it is for alg {key.alg}, the token says {alg}")
             else:
-                usable.append(key)
+                usable.append((key, served_by))
         if not usable:
             raise AuthError(
                 f"the key with kid {_show(kid)} cannot verify this token: {'; '.join(refused)}", reason="bad_key"
             )
         return usable
 
-    async def _remote_keys(self, iss: str, url: str, kid: str) -> _RemoteSet:
-        """The cached set of ``url`` for ``iss``, fetched first when missing, old, or lacking ``kid`` (rate limited)."""
+    async def _remote_keys(self, iss: str, url: str, kid: str, *, budgeted: bool) -> _RemoteSet:
+        """The cached set of ``url`` for ``iss``, fetched first when missing, old, or lacking ``kid`` (rate limited;
+        ``budgeted``: a token's jku, held to the issuer's budget until it has verified a token)."""
         slot = (iss, url)
         entry = self._sets.get(slot)
         if entry is None or self._wants_fetch(entry, kid):
@@ -786,7 +795,7 @@ class Authenticator:
                 # Whoever waited on the lock finds the set the first one fetched.
                 entry = self._sets.get(slot)
                 if entry is None or self._wants_fetch(entry, kid):
-                    entry = await self._refresh(slot, entry)
+                    entry = await self._refresh(slot, entry, budgeted=budgeted)
         if entry.keys and self._clock() - entry.fetched_at > JWKS_MAX_STALE_S:
             return _RemoteSet(error=f"keys are older than {JWKS_MAX_STALE_S:.0f} s and refreshing fails")
         return entry
@@ -797,18 +806,23 @@ class Authenticator:
             return False
         return now - entry.fetched_at >= JWKS_TTL_S or all(k.kid != kid for k in entry.keys)
 
-    async def _refresh(self, slot: tuple[str, str], entry: _RemoteSet | None) -> _RemoteSet:
+    async def _refresh(self, slot: tuple[str, str], entry: _RemoteSet | None, *, budgeted: bool) -> _RemoteSet:
         url = slot[1]
         now = self._clock()
-        while self._fetches and self._fetches[0] <= now - 60.0:
-            self._fetches.popleft()
-        if len(self._fetches) >= JWKS_FETCHES_PER_MINUTE:
-            # Leave attempted_at alone: the URL gets its fetch once the budget allows.
-            return entry if entry is not None else _RemoteSet(error="JWKS fetch budget of this minute is spent")
-        self._fetches.append(now)
+        if budgeted and not (entry is not None and entry.proven):
+            fetches = self._fetches.setdefault(slot[0], deque())
+            while fetches and fetches[0] <= now - 60.0:
+                fetches.popleft()
+            if len(fetches) >= JWKS_FETCHES_PER_MINUTE:
+                # Leave attempted_at alone: the URL gets its fetch once the budget allows.
+                why = f"the jku fetch budget of iss {_show(slot[0])} for this minute is spent"
+                return entry if entry is not None else _RemoteSet(error=why)
+            fetches.append(now)
         if entry is None:
             if len(self._sets) >= JWKS_MAX_URLS:
-                oldest = min(self._sets, key=lambda u: self._sets[u].attempted_at)
+                # Evict a set that never verified a token first: forged jku paths must not push out real ones.
+                unproven = [u for u in self._sets if not self._sets[u].proven]
+                oldest = min(unproven or self._sets, key=lambda u: self._sets[u].attempted_at)
                 del self._sets[oldest]
                 self._locks.pop(oldest, None)
             entry = self._sets[slot] = _RemoteSet()

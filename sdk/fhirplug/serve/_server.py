@@ -31,6 +31,7 @@ from starlette.applications import Starlette
 
 from fhirplug.errors import FhirplugError, UsageError
 from fhirplug.serve._auth import SharedReplayCache
+from fhirplug.serve._metrics import MULTIPROCESS_ENV, mark_process_dead
 from fhirplug.serve.app import ServeConfig, create_app
 
 if TYPE_CHECKING:
@@ -202,12 +203,22 @@ def serve_workers(
     if threading.current_thread() is not threading.main_thread():
         raise UsageError("serve_workers must run in the main thread: it handles SIGTERM and SIGINT")
     folder = tempfile.mkdtemp(prefix="fhirplug-replay-")  # mode 0700: only this user reaches the jti database
+    previous = os.environ.get(MULTIPROCESS_ENV)
     try:
         db = os.path.join(folder, "replay.sqlite3")
         SharedReplayCache.create(db)
         shared = replace(spec, config=replace(spec.config, replay_db=db))
-        _Supervisor(shared, sock, workers, announce).run()
+        # One Prometheus multiprocess folder for every worker (spawn: each inherits this environment and reads it
+        # when it imports prometheus_client), so /metrics reports the whole server whichever worker answers.
+        metrics = os.path.join(folder, "metrics")
+        os.mkdir(metrics, 0o700)
+        os.environ[MULTIPROCESS_ENV] = metrics
+        _Supervisor(shared, sock, workers, announce, metrics).run()
     finally:
+        if previous is None:
+            os.environ.pop(MULTIPROCESS_ENV, None)
+        else:
+            os.environ[MULTIPROCESS_ENV] = previous
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -224,9 +235,15 @@ class _Worker:
 
 class _Supervisor:
     def __init__(
-        self, spec: AppSpec, sock: socket.socket, count: int, announce: Callable[[list[str]], None] | None
+        self,
+        spec: AppSpec,
+        sock: socket.socket,
+        count: int,
+        announce: Callable[[list[str]], None] | None,
+        metrics_dir: str,
     ) -> None:
         self.spec = spec
+        self.metrics_dir = metrics_dir
         self.sock = sock
         self.count = count
         self.announce = announce
@@ -328,6 +345,8 @@ class _Supervisor:
                 continue
             worker.process.join()
             worker.conn.close()
+            if worker.process.pid is not None:
+                mark_process_dead(worker.process.pid, self.metrics_dir)
             del self.workers[index]
             ran = now - worker.started_at
             delay = RESTART_BACKOFF_S[0] if ran >= RESTART_RESET_S else self.backoff.get(index, RESTART_BACKOFF_S[0])

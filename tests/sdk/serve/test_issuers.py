@@ -193,6 +193,60 @@ def test_a_jku_two_issuers_may_use_is_cached_per_issuer(host: Host) -> None:
     assert host.hits["/vendor/jwks"] == 2
 
 
+def test_forged_jku_tokens_spend_only_their_issuers_budget_and_never_a_proven_urls(host: Host) -> None:
+    # A stranger with no key sends tokens claiming EHR A, each naming a fresh path under A's jku prefix: each is a
+    # fetch (a 404), up to A's budget for the minute and no further. EHR B's first jku fetch, A's configured JWKS
+    # URL and A's own jku URL (it has verified a token before) are fetched all the same.
+    from fhirplug.serve._auth import JWKS_FETCHES_PER_MINUTE, JWKS_REFRESH_INTERVAL_S
+
+    stranger = ec.generate_private_key(ec.SECP384R1())
+    own_jku = publish(host, "/a/jku/ehr-a", public_jwk(KEY_A, "a-1"))
+    configured = publish(host, "/a/configured", public_jwk(KEY_A, "a-9"))
+    b_jku = publish(host, "/b/jku/ehr-b", public_jwk(KEY_B, "b-1"))
+    config = AuthConfig(
+        issuer_keys={
+            ISS_A: IssuerKeys(jwks=(configured,), jku_allow=(host.base + "/a/jku/",)),
+            ISS_B: IssuerKeys(jku_allow=(host.base + "/b/jku/",)),
+        }
+    )
+    now = [time.time()]
+    forged = [
+        token(stranger, ISS_A, f"x-{i}", jku=f"{host.base}/a/jku/forged-{i}")
+        for i in range(JWKS_FETCHES_PER_MINUTE + 10)
+    ]
+
+    async def go() -> list[str]:
+        async with Authenticator(config, clock=lambda: now[0]) as auth:
+
+            async def result(t: str) -> str:
+                try:
+                    return str((await auth.authenticate("Bearer " + t, AUD)).issuer)
+                except AuthError as exc:
+                    return exc.reason
+
+            results = [await result(token(KEY_A, ISS_A, "a-1", jku=own_jku))]  # A's jku URL verifies a token
+            results += [await result(t) for t in forged]
+            results.append(await result(token(KEY_B, ISS_B, "b-1", jku=b_jku)))
+            results.append(await result(token(KEY_A, ISS_A, "a-9")))
+            results.append(await result(token(stranger, ISS_A, "x-late", jku=f"{host.base}/a/jku/forged-late")))
+            # A rotates to a new key at its jku URL; once the per-URL interval has passed it is fetched again,
+            # though A's budget for unproven URLs is still spent.
+            publish(host, "/a/jku/ehr-a", public_jwk(KEY_A, "a-2"))
+            now[0] += JWKS_REFRESH_INTERVAL_S + 1
+            results.append(await result(token(KEY_A, ISS_A, "a-2", jku=own_jku)))
+            return results
+
+    results = asyncio.run(go())
+    assert results[0] == ISS_A
+    assert set(results[1:-4]) == {"unknown_kid"}
+    assert results[-4:] == [ISS_B, ISS_A, "unknown_kid", ISS_A]
+    forged_hits = sum(n for path, n in host.hits.items() if "/forged-" in path)
+    # A's budget for the minute, spent (its own jku URL's first fetch was one of it), and not one fetch more.
+    assert forged_hits == JWKS_FETCHES_PER_MINUTE - 1
+    assert host.hits["/a/jku/forged-late"] == 0  # sent within the minute of those fetches
+    assert host.hits["/a/jku/ehr-a"] == 2 and host.hits["/b/jku/ehr-b"] == 1 and host.hits["/a/configured"] == 1
+
+
 # --- configuration ------------------------------------------------------------------------------------------------
 
 

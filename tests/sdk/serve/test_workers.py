@@ -286,6 +286,17 @@ def _call(served: Served, client: Any, method: str, path: str, **kw: Any) -> tup
     return response.status_code, line["pid"], line
 
 
+def _sample(exposition: str, name: str, **labels: str) -> float:
+    """The value of one sample of a Prometheus text exposition (labels in any order); 0 when absent."""
+    wanted = {f'{k}="{v}"' for k, v in labels.items()}
+    for line in exposition.splitlines():
+        head, _, value = line.rpartition(" ")
+        metric, _, rest = head.partition("{")
+        if metric == name and set(rest.rstrip("}").split(",")) == wanted:
+            return float(value)
+    return 0.0
+
+
 @LINUX_PROC
 def test_workers_share_one_replay_cache_restart_when_killed_and_all_stop_on_sigterm(
     served: Served, tmp_path: Path, sign: Any
@@ -328,6 +339,13 @@ def test_workers_share_one_replay_cache_restart_when_killed_and_all_stop_on_sigt
         results = [post(to_x, first), post(to_y, first), post(to_x, first), post(to_y, second), post(to_x, second)]
         assert [(status, pid) for status, pid, _ in results] == [(200, x), (401, y), (401, x), (200, y), (401, x)]
         assert "already used (replay)" in results[1][2]["auth"] and "already used (replay)" in results[4][2]["auth"]
+        # /metrics is the whole server's, whichever worker answers: 2 accepted feedbacks, 3 refused, in total.
+        assert (folders[0] / "metrics").is_dir()
+        for client in (to_x, to_y):
+            text = client.get(served.base + "/metrics").text
+            assert _sample(text, "fhirplug_feedback_total", outcome="accepted", service="tiny-notes") == 2
+            assert _sample(text, "fhirplug_requests_total", route="feedback", status="401") == 3
+            assert _sample(text, "fhirplug_requests_total", route="feedback", status="200") == 2
     finally:
         to_x.close()
         to_y.close()
@@ -347,6 +365,10 @@ def test_workers_share_one_replay_cache_restart_when_killed_and_all_stop_on_sigt
     assert answered <= workers
     with httpx.Client(timeout=30) as client:
         assert post(client, sign(served.base + path))[0] == 200
+        # The killed worker's counts stay in the sums (a Prometheus counter never goes down).
+        text = client.get(served.base + "/metrics").text
+        assert _sample(text, "fhirplug_requests_total", route="feedback", status="401") == 3 + 6
+        assert _sample(text, "fhirplug_feedback_total", outcome="accepted", service="tiny-notes") == 3
 
     # SIGTERM: the supervisor stops every worker gracefully, exits 0, and removes the replay folder.
     everyone = _children(served.proc.pid) | workers
