@@ -30,7 +30,7 @@ CHECKOUT_PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
 PINS: dict[str, str] = {
     "bc5cdr-ner": "f2611c686c9d0e0442214012641dec90085c7c252e4669a74d9a47ee9581541d",
     "medical-abstracts-mesh": "276c6ba827367e131617e4d29324648a6d3056e357b1571fe3534c9a317b0004",
-    "synthea-conditions": "57905aa0d38a3a52932ba2cdc97508ddf68ea8380e6fd2a182e5f43094ca6835",
+    "synthea-conditions": "a5fdc79aad1c7fea48a5e38a3bdd4a58e13bdb365a530d6d2c45f001a01f3dab",
 }
 # END PINS
 
