@@ -132,6 +132,10 @@ class ModelSession:
         options.intra_op_num_threads = threads or default_threads()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # The memory pattern plans one allocation per input shape, and with dynamic padding nearly every batch is
+        # a new shape: off, one synthea-conditions worker peaks at about a third less memory at the same speed
+        # (benchmarks/ort_memory.py, benchmarks/results/ort_memory.json).
+        options.enable_mem_pattern = False
         options.log_severity_level = 3
         try:
             source = str(model) if isinstance(model, Path) else model

@@ -149,11 +149,12 @@ def predict_dataframe(
     """A DataFrame of predictions (schema :data:`OUTPUT_SCHEMA`) for ``df[text_column]``'s FHIR JSON.
 
     ``threads`` defaults to 1: Spark already runs one task per core. ``key_column`` (default: none, the row's
-    index within its partition) is copied to ``key`` so results join back to the input.
+    index within its partition) is copied to ``key`` so results join back to the input; a row whose key is null
+    is not predicted, and gets a problem row (``issue_code`` ``required``, ``key`` null).
 
     Raises:
         MissingExtraError: pyspark (or pyarrow) is not installed.
-        UsageError: ``df`` is not a DataFrame.
+        UsageError: ``df`` is not a DataFrame, a column name is empty, ``chunk`` is not a positive integer.
     """
     try:
         import pyarrow  # noqa: F401  (mapInArrow's batches)
@@ -162,7 +163,12 @@ def predict_dataframe(
         raise MissingExtraError("spark", "fhirplug.spark.predict_dataframe") from exc
     if not isinstance(df, DataFrame):  # a Spark Connect DataFrame is one too
         raise UsageError(f"df must be a pyspark DataFrame, not {type(df).__name__}")
-    columns = [key_column, text_column] if key_column else [text_column]
+    for name, column in (("text_column", text_column), ("key_column", key_column)):
+        if column is not None and (not isinstance(column, str) or not column):
+            raise UsageError(f"{name} must be a column name, got {column!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise UsageError(f"chunk must be an integer ≥ 1, got {chunk!r}")
+    columns = [key_column, text_column] if key_column is not None else [text_column]
     options = {
         "allow_unsigned": allow_unsigned,
         "trusted_keys": tuple(trusted_keys),
@@ -185,16 +191,31 @@ def _arrow_partition(batches: Iterator[Any], plugin: str, keyed: bool, options: 
     types = {"string": pa.string(), "double": pa.float64(), "int": pa.int32()}
     schema = pa.schema([(name, types[kind]) for name, kind in (f.split() for f in OUTPUT_SCHEMA.split(","))])
 
+    chunk = options["chunk"]
+    unkeyed: list[dict[str, Any]] = []  # keyed rows whose key is null: reported, never predicted
+
     def pairs() -> Iterator[tuple[Any, Any]]:
         for batch in batches:
-            for row in zip(*(column.to_pylist() for column in batch.columns), strict=True):
-                yield (row[0], row[1]) if keyed else (None, row[0])
+            for start in range(0, batch.num_rows, chunk):  # a chunk of rows in Python at a time, not the batch
+                piece = batch.slice(start, chunk)
+                for row in zip(*(column.to_pylist() for column in piece.columns), strict=True):
+                    if not keyed:
+                        yield None, row[0]
+                    elif row[0] is None:
+                        # Its index would stand in for the key and could equal another row's real key: the
+                        # predictions would join to the wrong record.
+                        why = "the row's key column is null: it was not predicted (its results could not be joined)"
+                        unkeyed.append(_row(severity="error", issue_code="required", diagnostics=why))
+                    else:
+                        yield row[0], row[1]
 
     out: list[dict[str, Any]] = []
     for row in predict_rows(pairs(), plugin, **options):
-        out.append(row)
-        if len(out) >= options["chunk"]:
+        out += [*unkeyed, row]
+        unkeyed.clear()
+        if len(out) >= chunk:
             yield pa.RecordBatch.from_pylist(out, schema=schema)
             out = []
+    out += unkeyed
     if out:
         yield pa.RecordBatch.from_pylist(out, schema=schema)

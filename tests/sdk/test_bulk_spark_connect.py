@@ -61,16 +61,18 @@ def test_predict_dataframe_on_spark_connect(connect: Any) -> None:
     from fhirplug.spark import predict_dataframe
     from tests.sdk.test_spark import ROWS
 
-    df = connect.createDataFrame(ROWS, "id string, value string")
-    rows = predict_dataframe(df, str(TINY_PLUGIN), key_column="id", allow_unsigned=True).collect()
+    # A null key would otherwise fall back to the row's index, which may be another row's real key ("1" here).
+    keyless = (None, ROWS[0][1])
+    df = connect.createDataFrame([*ROWS, keyless, ("1", ROWS[3][1])], "id string, value string").coalesce(1)
+    rows = predict_dataframe(df, str(TINY_PLUGIN), key_column="id", allow_unsigned=True, chunk=2).collect()
     assert sorted((r["key"], r["reference"], r["code"]) for r in rows if r["code"]) == [
+        ("1", "DocumentReference/n4", "44054006"),
         ("r1", "DocumentReference/n1", "44054006"),
         ("r4", "DocumentReference/n4", "44054006"),
     ]
-    assert sorted((r["key"], r["issue_code"]) for r in rows if r["severity"]) == [
-        ("r2", "structure"),
-        ("r3", "required"),
-    ]
+    problems = sorted((r["key"] or "", r["issue_code"]) for r in rows if r["severity"])
+    assert problems == [("", "required"), ("r2", "structure"), ("r3", "required")]
+    assert "key column is null" in next(r["diagnostics"] for r in rows if r["key"] is None)
     # Without a key column, the key is the row's index within its partition.
     unkeyed = predict_dataframe(
         connect.createDataFrame([(ROWS[0][1],)], "value string"), str(TINY_PLUGIN), allow_unsigned=True

@@ -791,11 +791,17 @@ class Authenticator:
         slot = (iss, url)
         entry = self._sets.get(slot)
         if entry is None or self._wants_fetch(entry, kid):
-            async with self._locks.setdefault(slot, anyio.Lock()):
-                # Whoever waited on the lock finds the set the first one fetched.
-                entry = self._sets.get(slot)
-                if entry is None or self._wants_fetch(entry, kid):
-                    entry = await self._refresh(slot, entry, budgeted=budgeted)
+            try:
+                async with self._locks.setdefault(slot, anyio.Lock()):
+                    # Whoever waited on the lock finds the set the first one fetched.
+                    entry = self._sets.get(slot)
+                    if entry is None or self._wants_fetch(entry, kid):
+                        entry = await self._refresh(slot, entry, budgeted=budgeted)
+            finally:
+                # Refused by the budget (or cancelled): no lock is kept for a URL with no cached set, or tokens
+                # naming ever new paths would grow this dict without bound.
+                if slot not in self._sets:
+                    self._locks.pop(slot, None)
         if entry.keys and self._clock() - entry.fetched_at > JWKS_MAX_STALE_S:
             return _RemoteSet(error=f"keys are older than {JWKS_MAX_STALE_S:.0f} s and refreshing fails")
         return entry

@@ -196,8 +196,9 @@ def test_a_jku_two_issuers_may_use_is_cached_per_issuer(host: Host) -> None:
 def test_forged_jku_tokens_spend_only_their_issuers_budget_and_never_a_proven_urls(host: Host) -> None:
     # A stranger with no key sends tokens claiming EHR A, each naming a fresh path under A's jku prefix: each is a
     # fetch (a 404), up to A's budget for the minute and no further. EHR B's first jku fetch, A's configured JWKS
-    # URL and A's own jku URL (it has verified a token before) are fetched all the same.
-    from fhirplug.serve._auth import JWKS_FETCHES_PER_MINUTE, JWKS_REFRESH_INTERVAL_S
+    # URL and A's own jku URL (it has verified a token before) are fetched all the same, and the sets that have
+    # verified a token outlive the forged ones in the bounded cache.
+    from fhirplug.serve._auth import JWKS_FETCHES_PER_MINUTE, JWKS_MAX_URLS, JWKS_REFRESH_INTERVAL_S
 
     stranger = ec.generate_private_key(ec.SECP384R1())
     own_jku = publish(host, "/a/jku/ehr-a", public_jwk(KEY_A, "a-1"))
@@ -210,12 +211,14 @@ def test_forged_jku_tokens_spend_only_their_issuers_budget_and_never_a_proven_ur
         }
     )
     now = [time.time()]
-    forged = [
-        token(stranger, ISS_A, f"x-{i}", jku=f"{host.base}/a/jku/forged-{i}")
-        for i in range(JWKS_FETCHES_PER_MINUTE + 10)
-    ]
 
-    async def go() -> list[str]:
+    def forged(round_: int, n: int) -> list[str]:
+        return [token(stranger, ISS_A, "x", jku=f"{host.base}/a/jku/forged-{round_}-{i}") for i in range(n)]
+
+    def hits(round_: int) -> int:
+        return sum(n for path, n in host.hits.items() if path.startswith(f"/a/jku/forged-{round_}-"))
+
+    async def go() -> None:
         async with Authenticator(config, clock=lambda: now[0]) as auth:
 
             async def result(t: str) -> str:
@@ -224,26 +227,35 @@ def test_forged_jku_tokens_spend_only_their_issuers_budget_and_never_a_proven_ur
                 except AuthError as exc:
                     return exc.reason
 
-            results = [await result(token(KEY_A, ISS_A, "a-1", jku=own_jku))]  # A's jku URL verifies a token
-            results += [await result(t) for t in forged]
-            results.append(await result(token(KEY_B, ISS_B, "b-1", jku=b_jku)))
-            results.append(await result(token(KEY_A, ISS_A, "a-9")))
-            results.append(await result(token(stranger, ISS_A, "x-late", jku=f"{host.base}/a/jku/forged-late")))
-            # A rotates to a new key at its jku URL; once the per-URL interval has passed it is fetched again,
-            # though A's budget for unproven URLs is still spent.
-            publish(host, "/a/jku/ehr-a", public_jwk(KEY_A, "a-2"))
-            now[0] += JWKS_REFRESH_INTERVAL_S + 1
-            results.append(await result(token(KEY_A, ISS_A, "a-2", jku=own_jku)))
-            return results
+            # Minute 0: A's own jku URL verifies a token (its first fetch is one of A's budget), then the attack.
+            assert await result(token(KEY_A, ISS_A, "a-1", jku=own_jku)) == ISS_A
+            assert {await result(t) for t in forged(0, JWKS_FETCHES_PER_MINUTE + 10)} == {"unknown_kid"}
+            assert hits(0) == JWKS_FETCHES_PER_MINUTE - 1  # the budget, spent, and not one fetch more
+            assert await result(token(KEY_B, ISS_B, "b-1", jku=b_jku)) == ISS_B  # B's budget is B's own
+            assert await result(token(KEY_A, ISS_A, "a-9")) == ISS_A  # a configured URL is outside any budget
+            # Refused fetches keep no lock: the lock table never outgrows the cache of sets.
+            assert len(auth._locks) <= len(auth._sets) <= JWKS_MAX_URLS
 
-    results = asyncio.run(go())
-    assert results[0] == ISS_A
-    assert set(results[1:-4]) == {"unknown_kid"}
-    assert results[-4:] == [ISS_B, ISS_A, "unknown_kid", ISS_A]
-    forged_hits = sum(n for path, n in host.hits.items() if "/forged-" in path)
-    # A's budget for the minute, spent (its own jku URL's first fetch was one of it), and not one fetch more.
-    assert forged_hits == JWKS_FETCHES_PER_MINUTE - 1
-    assert host.hits["/a/jku/forged-late"] == 0  # sent within the minute of those fetches
+            # Minute 1: the attack spends A's new budget at once; A then rotates its key at its jku URL, which
+            # is fetched again all the same (it has verified a token).
+            now[0] += JWKS_REFRESH_INTERVAL_S + 1
+            assert {await result(t) for t in forged(1, JWKS_FETCHES_PER_MINUTE + 5)} == {"unknown_kid"}
+            assert hits(1) == JWKS_FETCHES_PER_MINUTE
+            publish(host, "/a/jku/ehr-a", public_jwk(KEY_A, "a-2"))
+            assert await result(token(KEY_A, ISS_A, "a-2", jku=own_jku)) == ISS_A
+
+            # Minutes 2-3: more forged paths than the cache holds: the forged sets are evicted, not the three that
+            # verified tokens (a token for each is answered from the cache, no fetch).
+            for round_ in (2, 3):
+                now[0] += 61
+                await asyncio.gather(*(result(t) for t in forged(round_, JWKS_FETCHES_PER_MINUTE)))
+            assert len(auth._sets) == JWKS_MAX_URLS and len(auth._locks) <= JWKS_MAX_URLS
+            assert {(ISS_A, own_jku), (ISS_A, configured), (ISS_B, b_jku)} <= set(auth._sets)
+            assert await result(token(KEY_A, ISS_A, "a-2", jku=own_jku)) == ISS_A
+            assert await result(token(KEY_B, ISS_B, "b-1", jku=b_jku)) == ISS_B
+            assert await result(token(KEY_A, ISS_A, "a-9")) == ISS_A
+
+    asyncio.run(go())
     assert host.hits["/a/jku/ehr-a"] == 2 and host.hits["/b/jku/ehr-b"] == 1 and host.hits["/a/configured"] == 1
 
 
