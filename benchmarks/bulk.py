@@ -37,30 +37,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-SYNTHEA = REPO.parent / "shared" / "data" / "synthea-r4" / "bundles"
+from _shared import REPO, SYNTHEA, repo_relative, synthea_resources
+
 DEFAULT_PLUGIN = REPO / "plugins" / "synthea-conditions" / "bundle"
 RUNS = {
     "local1": ["--engine", "local", "--workers", "1"],
     "local2": ["--engine", "local", "--workers", "2"],
     "spark": ["--engine", "spark", "--workers", "2"],
 }
-
-
-def synthea_resources() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The DocumentReferences that carry a note, and the Patients, of every Synthea bundle."""
-    notes: list[dict[str, Any]] = []
-    patients: list[dict[str, Any]] = []
-    for path in sorted(SYNTHEA.glob("*.json")):
-        for entry in json.loads(path.read_bytes()).get("entry", []):
-            resource = entry.get("resource", {})
-            if resource.get("resourceType") == "Patient":
-                patients.append(resource)
-            elif resource.get("resourceType") == "DocumentReference" and any(
-                "data" in c.get("attachment", {}) for c in resource.get("content", [])
-            ):
-                notes.append(resource)
-    return notes, patients
 
 
 def build_export(folder: Path, n_notes: int, per_file: int) -> dict[str, Any]:
@@ -165,12 +149,6 @@ def run_one(name: str, plugin: str, export: Path, out: Path, extra: list[str]) -
     }
 
 
-def _shown(path: str) -> str:
-    """A plugin path as the report shows it: relative to the repository when inside it (no machine paths)."""
-    resolved = Path(path).resolve()
-    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--notes", type=int, default=100_000, help="notes in the synthetic export (default 100,000)")
@@ -210,7 +188,7 @@ def main() -> None:
         report = {
             "command": "python benchmarks/bulk.py " + " ".join(sys.argv[1:]),
             "export": facts,
-            "plugin": _shown(args.plugin),
+            "plugin": repo_relative(args.plugin),
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
             "same_bytes_everywhere": len({r["outputs_sha256"] for r in results}) == 1,
             "runs": results,

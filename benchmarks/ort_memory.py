@@ -19,7 +19,6 @@ longest window) nearly every batch is a new shape, so the plans pile up.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import platform
@@ -29,8 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-SYNTHEA = REPO.parent / "shared" / "data" / "synthea-r4" / "bundles"
+from _shared import REPO, SYNTHEA, repo_relative, synthea_note_texts
+
 SETTINGS = ("pattern", "no-pattern", "no-arena")
 
 CHILD = r"""
@@ -82,21 +81,6 @@ print(json.dumps({"setting": setting, "notes": 2 * len(notes), "notes_per_s": ro
 """
 
 
-def synthea_notes() -> list[str]:
-    notes = []
-    for path in sorted(SYNTHEA.glob("*.json")):
-        for entry in json.loads(path.read_bytes()).get("entry", []):
-            resource = entry.get("resource", {})
-            if resource.get("resourceType") != "DocumentReference":
-                continue
-            for content in resource.get("content", []):
-                if "data" in content.get("attachment", {}):
-                    notes.append(base64.b64decode(content["attachment"]["data"]).decode("utf-8"))
-    if not notes:
-        raise SystemExit(f"no Synthea notes under {SYNTHEA}")
-    return notes
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plugin", default=str(REPO / "plugins" / "synthea-conditions" / "bundle"))
@@ -104,7 +88,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     notes_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"fhirplug-ort-memory-{os.getpid()}.json"
-    notes_file.write_text(json.dumps(synthea_notes()))
+    notes = synthea_note_texts()
+    if not notes:
+        raise SystemExit(f"no Synthea notes under {SYNTHEA}")
+    notes_file.write_text(json.dumps(notes))
     runs: list[dict[str, Any]] = []
     try:
         for _ in range(args.repeats):
@@ -128,10 +115,9 @@ def main() -> None:
             "peak_rss_mib_max": max(r["peak_rss_mib"] for r in mine),
             "rss_after_mib_max": max(r["rss_after_mib"] for r in mine),
         }
-    plugin = Path(args.plugin).resolve()
     report = {
         "command": "python benchmarks/ort_memory.py " + " ".join(sys.argv[1:]),
-        "plugin": str(plugin.relative_to(REPO)) if plugin.is_relative_to(REPO) else args.plugin,
+        "plugin": repo_relative(args.plugin),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_average": os.getloadavg()},
         "runs": runs,
         "summary": summary,
