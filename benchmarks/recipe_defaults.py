@@ -11,6 +11,8 @@ card reports. Runs:
 - ``default-lora``: the recipe a new user writes: data, labels, base model and ``[method] kind = "lora"`` — no
   ``[training]`` table (learning rate, epochs, batch, stride all defaults).
 - ``default-full``: the same with ``kind = "full"``.
+- ``lora-qv``: ``default-lora`` with adapters on query and value only (peft's BERT default, the converter's
+  default before it put adapters on every linear layer).
 - ``search-full``: full fine-tuning with the converter's own search (``search = {trials = 3}``: 1/3x, 1x and 3x the
   method's default learning rate, best on validation).
 - ``shipped`` (synthea, mesh): the tuned recipe of the first-party plugin — read from its committed bundle's
@@ -24,6 +26,12 @@ Corpora (all from ``../shared/data``; nothing derived is committed):
   test 20%).
 - ``synthea`` — the synthea-conditions corpus (FHIR bundles, 8 SNOMED codes, multi-label, split by patient).
 - ``mesh`` — the medical-abstracts-mesh corpus (full abstracts; about 40 minutes a run on 2 cores).
+- ``bc5cdr`` — the bc5cdr-ner corpus (token classification): the shipped recipe's data, labels, dictionaries and
+  entity tables with its ``[method]``, ``[training]``, ``[export]`` and ``[parity]`` tables removed; the metric is
+  strict mention-level micro-F1 on the BC5CDR test set.
+
+``--update FILE`` merges the runs into an existing results file (a run of the same name is replaced, the command
+is added to ``commands``), so one file holds a corpus' runs measured by separate invocations.
 
 The defaults are tuned on these corpora; public symptom-description→disease sets are kept for blind evaluation
 and are not used here.
@@ -78,7 +86,7 @@ validation = 0.1
 test = 0.2
 seed = 13
 """,
-        "runs": ("default-lora", "default-full", "search-full"),
+        "runs": ("default-lora", "lora-qv", "default-full", "search-full"),
     },
     "synthea": {
         "license": "MIT",
@@ -126,12 +134,18 @@ seed = 13
         "shipped": PLUGINS / "medical-abstracts-mesh" / "bundle",
         "runs": ("default-lora", "shipped"),
     },
+    "bc5cdr": {
+        "recipe": PLUGINS / "bc5cdr-ner" / "recipe.toml",
+        "shipped": PLUGINS / "bc5cdr-ner" / "bundle",
+        "runs": ("default-lora", "shipped"),
+    },
 }
 
 METHODS = {
     "default-lora": '\n[method]\nkind = "lora"\n',
     "default-full": '\n[method]\nkind = "full"\n',
     "search-full": '\n[method]\nkind = "full"\n\n[training]\nsearch = { trials = 3 }\n',
+    "lora-qv": '\n[method]\nkind = "lora"\ntarget_modules = ["query", "value"]\n',
 }
 
 _TITLE = re.compile(r"^(.{20,400}?[.?!])\s+[A-Z(]")
@@ -152,29 +166,54 @@ def write_titles(out: Path) -> int:
     return len(rows)
 
 
+_TABLE = re.compile(r"^\[+([^\]]+)\]+\s*$")
+#: Tables of a shipped recipe that are the plugin author's tuning, not its data: dropped for a default run.
+_TUNING = {"method", "training", "export", "parity"}
+
+
+def _without_tuning(text: str) -> str:
+    """A recipe's text with its tuning tables (and their keys) removed, shared-data paths made absolute."""
+    kept, skipping = [], False
+    for line in text.splitlines():
+        table = _TABLE.match(line.strip())
+        if table:
+            skipping = table.group(1).split(".")[0].strip() in _TUNING
+        if not skipping:
+            kept.append(line)
+    return "\n".join(kept).replace("../../../shared/data", DATA.as_posix()) + "\n"
+
+
 def recipe_text(corpus: str, run: str, work: Path) -> str:
     spec = CORPORA[corpus]
+    if "recipe" in spec:
+        body = _without_tuning(spec["recipe"].read_text(encoding="utf-8"))
+        body = re.sub(r'(?m)^name = ".*"$', f'name = "{corpus}-{run}"', body, count=1)
+        return body + METHODS[run] + '\n[export]\nvariants = ["fp32", "int8"]\n'
     head = COMMON.format(name=f"{corpus}-{run}", license=spec["license"], labels=spec["labels"].as_posix())
     data = spec["data"].format(work=work.as_posix(), shared=DATA.as_posix())
     return head + data + METHODS[run] + '\n[export]\nvariants = ["fp32", "int8"]\n'
 
 
 def metric_of(metrics: dict[str, Any], variant: str, multi_label: bool) -> tuple[str, float | None]:
-    """The card's headline test metric: accuracy (multi-class), micro-F1 (multi-label); None if not packaged."""
-    name = "micro_f1" if multi_label else "accuracy"
+    """The card's headline test metric: accuracy (multi-class), micro-F1 (multi-label), strict mention micro-F1
+    (token classification); None if not packaged."""
     test = metrics.get("test", {}).get(variant)
+    if test and "mentions" in test:
+        return "mention_micro_f1", test["mentions"]["micro"]["f1"]
+    name = "micro_f1" if multi_label else "accuracy"
     return name, (test[name] if test else None)
 
 
-def run_one(corpus: str, run: str, work: Path) -> dict[str, Any]:
+def run_one(corpus: str, run: str, work: Path, checkpoint: bool = False) -> dict[str, Any]:
     if run == "shipped":
         return read_bundle(corpus, run, CORPORA[corpus]["shipped"], {"exit": None, "wall_s": None})
     recipe = work / f"{corpus}-{run}.toml"
     recipe.write_text(recipe_text(corpus, run, work), encoding="utf-8")
     out = work / f"{corpus}-{run}-bundle"
     start = time.perf_counter()
+    save = ["--save-checkpoint", str(work / f"{corpus}-{run}-checkpoint")] if checkpoint else []
     proc = subprocess.run(
-        [str(FHIRPLUG), "convert", str(recipe), "--out", str(out), "--quiet"],
+        [str(FHIRPLUG), "convert", str(recipe), "--out", str(out), "--quiet", *save],
         capture_output=True,
         text=True,
         check=False,
@@ -204,14 +243,25 @@ def read_bundle(corpus: str, run: str, out: Path, extra: dict[str, Any]) -> dict
 def _write_report(
     args: argparse.Namespace, argv: list[str] | None, texts: int | None, rows: list[dict[str, Any]]
 ) -> None:
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "command": "python benchmarks/recipe_defaults.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
-        "texts": texts,
-        "runs": rows,
-    }
-    args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    words = list(argv if argv is not None else sys.argv[1:])
+    if "--keep" in words:  # where the bundles were kept changes no number, and is a path on one machine
+        del words[words.index("--keep") : words.index("--keep") + 2]
+    command = "python benchmarks/recipe_defaults.py " + " ".join(words)
+    target: Path = args.update or args.json
+    report: dict[str, Any] = {"commands": [], "runs": []}
+    if args.update:
+        report = json.loads(args.update.read_text(encoding="utf-8"))
+        report.setdefault("commands", [report.pop("command")] if "command" in report else [])
+        report.setdefault("runs", [])
+    if command not in report["commands"]:
+        report["commands"].append(command)
+    report["machine"] = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
+    if texts is not None:
+        report["texts"] = texts
+    names = {row["run"] for row in rows}
+    report["runs"] = [row for row in report["runs"] if row["run"] not in names] + rows
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,9 +269,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("corpus", choices=sorted(CORPORA))
     parser.add_argument("--runs", help="comma-separated subset of the corpus' runs")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--update", type=Path, help="merge the runs into this existing results file")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="write recipes, bundles and trained checkpoints (--save-checkpoint) here instead of a temporary folder",
+    )
     args = parser.parse_args(argv)
     if not DATA.is_dir():
         parser.error(f"{DATA} is missing: these corpora come from ../shared/data")
+    if args.update and (args.json or not args.update.is_file()):
+        parser.error("--update takes an existing results file, instead of --json")
     runs = args.runs.split(",") if args.runs else list(CORPORA[args.corpus]["runs"])
     for run in runs:
         if run not in METHODS and not (run == "shipped" and "shipped" in CORPORA[args.corpus]):
@@ -229,12 +287,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="fhirplug-defaults-") as tmp:
         work = Path(tmp)
+        if args.keep:
+            work = args.keep
+            work.mkdir(parents=True, exist_ok=True)
         texts = write_titles(work / "titles.csv") if args.corpus == "titles" else None
         for run in runs:
-            row = run_one(args.corpus, run, work)
+            row = run_one(args.corpus, run, work, checkpoint=args.keep is not None)
             rows.append(row)
             print(json.dumps({k: row[k] for k in row if k not in ("resolved", "search")}), flush=True)
-            if args.json:  # after every run: a long benchmark stopped part way keeps what it measured
+            if args.json or args.update:  # after every run: a benchmark stopped part way keeps what it measured
                 _write_report(args, argv, texts, rows)
     best = max((r["fp32"] for r in rows if r.get("fp32") is not None), default=None)
     print(f"\n{args.corpus}: test metric of fp32 (int8), wall time; best {best}")
@@ -250,8 +311,6 @@ def main(argv: list[str] | None = None) -> int:
             + (f"{row['wall_s']:.0f} s" if row["wall_s"] is not None else "(committed bundle)")
         )
     failed = [r["run"] for r in rows if r.get("fp32") is None]
-    if args.json:
-        _write_report(args, argv, texts, rows)
     return 1 if failed else 0
 
 

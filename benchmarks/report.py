@@ -149,7 +149,10 @@ def _targets(results: dict[str, Any]) -> list[str]:
     lines = ["| target | goal | measured | status |", "|---|---|---:|---|"]
     for t in results.get("targets", []):
         unit = t["unit"]
-        value = _num(t["measured"], 2, unit if unit == "×" else f" {unit}")
+        if unit == "share":
+            value = "–" if t["measured"] is None else f"{t['measured']:.0%}"
+        else:
+            value = _num(t["measured"], 2, unit if unit == "×" else f" {unit}")
         lines.append(f"| {t['target']} | {t['goal']} | {value} | **{t['status']}** |")
     return lines
 

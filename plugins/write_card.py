@@ -34,6 +34,7 @@ def main(name: str, build: str, command: str) -> None:
     if baseline.is_file():
         built = json.loads((Path(build) / "metrics.json").read_text())
         card += _baseline_section(json.loads(baseline.read_text()), built)
+    card += _defaults_section(name)
     card += "\n## Example inputs (committed int8 bundle)\n\n" + "\n".join(rows) + "\n\n"
     card += f"`expected.json` promises: {json.dumps(expected)} (checked by tests/plugins/test_first_party.py).\n"
     misses = folder / "known_misses.json"
@@ -50,8 +51,54 @@ def main(name: str, build: str, command: str) -> None:
         f"p('plugins/{name}/build/bundle', 'plugins/{name}/bundle', ['int8'])\"\n"
         f'python plugins/write_card.py {name} plugins/{name}/build/bundle "{command}"\n```\n'
     )
+    notes = folder / "card_notes.md"  # sections measured by the plugin's own scripts (each names its command)
+    if notes.is_file():
+        card += "\n" + notes.read_text(encoding="utf-8")
     (folder / "README.md").write_text(card, encoding="utf-8")
     print(f"wrote {folder / 'README.md'}")
+
+
+#: The corpus name ``benchmarks/recipe_defaults.py`` gives each first-party plugin's data.
+DEFAULTS_CORPUS = {"medical-abstracts-mesh": "mesh", "synthea-conditions": "synthea", "bc5cdr-ner": "bc5cdr"}
+RUN_LABELS = {
+    "default-lora": 'data, labels, base model and `[method] kind = "lora"`, nothing else',
+    "lora-qv": 'the same with `target_modules = ["query", "value"]`',
+    "default-full": 'the same with `kind = "full"`',
+    "search-full": "full with `[training] search = { trials = 3 }`",
+    "shipped": "this plugin's recipe (the committed bundle, not retrained)",
+}
+
+
+def _defaults_section(name: str) -> str:
+    """The converter's default recipe on this plugin's data against its tuned recipe (benchmarks/recipe_defaults.py)."""
+    corpus = DEFAULTS_CORPUS.get(name)
+    path = HERE.parent / "benchmarks" / "results" / f"recipe_defaults_{corpus}.json"
+    if corpus is None or not path.is_file():
+        return ""
+    report = json.loads(path.read_text(encoding="utf-8"))
+    runs = [r for r in report["runs"] if r.get("fp32") is not None]
+    if not runs:
+        return ""
+    best = max(r["fp32"] for r in runs)
+    commands = report.get("commands") or [report["command"]]
+    lines = [
+        "",
+        "## Default recipe vs this recipe",
+        "",
+        "The same data, labels and base model with the converter's defaults (no `[training]` table), one run each "
+        "on 2 CPU cores (" + "; ".join(f"`{c}`" for c in commands) + f"); test {runs[0]['metric']} of fp32 (int8):",
+        "",
+        "| recipe | learning rate | best epoch | test fp32 (int8) | points below the best |",
+        "|---|---|---:|---|---:|",
+    ]
+    for r in runs:
+        rate = (r.get("resolved") or {}).get("learning_rate", {}).get("value")
+        int8 = f"{r['int8']:.4f}" if r.get("int8") is not None else "not packaged"
+        lines.append(
+            f"| {RUN_LABELS.get(r['run'], r['run'])} | {rate if rate is not None else '–'} | "
+            f"{r.get('best_epoch') or '–'} | {r['fp32']:.4f} ({int8}) | {(best - r['fp32']) * 100:.1f} |"
+        )
+    return "\n".join([*lines, ""])
 
 
 def _baseline_section(baseline: dict[str, Any], metrics: dict[str, Any]) -> str:

@@ -46,7 +46,7 @@ suggests the closest known key; relative paths resolve against the recipe file's
     r = 8
     alpha = 16
     dropout = 0.1
-    target_modules = ["query", "value"]  # lora only; omitted: peft's default for the architecture
+    target_modules = ["query", "value"]  # lora only; omitted: every linear layer but the classifier
     # num_virtual_tokens = 20            # prompt-tuning only
 
     [training]                           # every key optional
@@ -251,7 +251,8 @@ class Lora(_Frozen):
     target_modules: tuple[str, ...] | None = Field(
         default=None,
         description='Module names that get adapters, e.g. ["query", "value"] or ["query", "key", "value", '
-        '"dense"]; omitted: peft\'s default for the architecture (BERT: query, value).',
+        '"dense"]; omitted: every linear layer but the classifier (BERT: query, key, value, dense), which '
+        "trains closer to full fine-tuning than query and value alone.",
     )
 
 

@@ -126,7 +126,13 @@ def test_end_to_end_cold_start_accuracy_targets(results: tuple[dict, Path]) -> N
         (acc["variants"]["fp32"]["accuracy"] - acc["variants"]["int8"]["accuracy"]) * 100
     )
     targets = data["targets"]
-    assert len(targets) == 5 and all(t["status"] in ("PASS", "MISS") for t in targets)
+    assert len(targets) == 7 and all(t["status"] in ("PASS", "MISS") for t in targets)
+    head = next(r for r in data["shapes"] if r["engine"] == "fhirplug-int8" and (r["batch"], r["tokens"]) == (1, 32))
+    share = next(t for t in targets if "share of the int8 GEMM floor" in t["target"])
+    assert share["measured"] == head["floor_share"] and share["status"] == (
+        "PASS" if head["floor_share"] >= 0.4 else "MISS"
+    )
+    assert e2e["evidence_segments"] == 0 and "window" in e2e["caveat"]
     assert data["command"].startswith("python benchmarks/compare.py --bundle ")
     assert data["machine"]["cores"] >= 1
 

@@ -10,7 +10,7 @@ import torch
 from tests.converters.conftest import write_recipe
 
 from fhirplug_convert.finetune import LogitsModel, PromptTuningModel, _finish, _prepare, load_base, window_size
-from fhirplug_convert.recipe import load_recipe
+from fhirplug_convert.recipe import Lora, load_recipe
 
 pytestmark = pytest.mark.train
 LABELS = ["diabetes", "hypertension", "asthma"]
@@ -43,6 +43,22 @@ def test_lora_merges_into_the_base_weights_without_changing_logits(tiny_base: Pa
     assert isinstance(merged, LogitsModel)
     assert not any("lora_" in name for name, _ in merged.named_parameters())
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_without_target_modules_adapts_every_linear_layer_but_the_classifier(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    recipe = load_recipe(write_recipe(tmp_path, tiny_base, method="lora"))
+    recipe = recipe.model_copy(update={"method": Lora(kind="lora")})
+    model, _ = load_base(str(tiny_base), LABELS, multi_label=False)
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    adapted = {
+        n.removeprefix("model.base_model.model.").removesuffix(".lora_A.default.weight")
+        for n in _trainable(_prepare(model, recipe))
+        if n.endswith(".lora_A.default.weight")
+    }
+    assert adapted == linears - {"classifier"}  # attention, feed-forward and pooler; 2 layers x 6 + pooler
+    assert len(adapted) == 13
 
 
 def test_bitfit_trains_biases_and_the_head_only(tiny_base: Path, tmp_path: Path) -> None:
