@@ -76,7 +76,11 @@ def _defaults_section(name: str) -> str:
     if corpus is None or not path.is_file():
         return ""
     report = json.loads(path.read_text(encoding="utf-8"))
-    runs = [r for r in report["runs"] if r.get("fp32") is not None]
+    order = list(RUN_LABELS)
+    runs = sorted(
+        (r for r in report["runs"] if r.get("fp32") is not None),
+        key=lambda r: order.index(r["run"]) if r["run"] in order else len(order),
+    )
     if not runs:
         return ""
     best = max(r["fp32"] for r in runs)

@@ -202,8 +202,10 @@ def _defaults_section() -> list[str]:
     lines += [
         "",
         f"**epochs**: enough for about {schema.TARGET_STEPS} optimizer steps at the recipe's batch size, at least "
-        f"{low} and at most {high} (e.g. 840 training examples at batch 16 → "
-        f"{schema.default_epochs(840, 16)} epochs; 20,000 → {schema.default_epochs(20000, 16)}). Every epoch ends "
+        f"{low} and at most {high}, counted in training windows — every window of a long text trains, so 2,000 "
+        f"abstracts of three windows each make an epoch of 6,000 rows (e.g. 840 windows at batch 16 → "
+        f"{schema.default_epochs(840, 16)} epochs; 6,000 → {schema.default_epochs(6000, 16)}; 20,000 → "
+        f"{schema.default_epochs(20000, 16)}). Every epoch ends "
         "with a validation pass; training stops after `early_stopping_patience` epochs without a better "
         "validation metric, and the best epoch's weights are restored before export.",
         "",

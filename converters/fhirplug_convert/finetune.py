@@ -364,6 +364,25 @@ def training_targets(targets: np.ndarray, multi_label: bool) -> np.ndarray:
     return rows if multi_label else rows / np.maximum(rows.sum(axis=1, keepdims=True), 1.0)
 
 
+def count_windows(base: str, recipe: Recipe, texts: Sequence[str]) -> int:
+    """The training windows ``texts`` make at the recipe's window and stride: what one epoch trains on (every
+    window of a long text trains), so what the default epochs are counted from.
+
+    Raises:
+        ConvertError: the base model's config or tokenizer cannot be loaded.
+    """
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(base)
+        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(base, use_fast=True)
+    except (OSError, ValueError) as exc:
+        raise ConvertError(f"base_model {base!r}: cannot load it ({str(exc).splitlines()[0]})") from exc
+    tokenizer = Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
+    windowed = _window_tokenizer(tokenizer, window_size(config, recipe), recipe.training.stride)
+    return sum(1 + len(e.overflowing) for e in windowed.encode_batch(list(texts)))
+
+
 def _window_tokenizer(tokenizer: Tokenizer, max_tokens: int, stride: int) -> Tokenizer:
     """A private copy that truncates into ``max_tokens`` windows sharing ``stride`` tokens (no padding)."""
     copy = Tokenizer.from_str(tokenizer.to_str())
@@ -425,7 +444,8 @@ def evaluate_torch(
 
 
 def resolved(recipe: Recipe, train_examples: int) -> Recipe:
-    """The recipe with its learning rate and epochs chosen (training called directly, not through convert())."""
+    """The recipe with its learning rate and epochs chosen (training called directly, not through convert(),
+    which counts the training windows: here epochs count one window per example)."""
     if recipe.training.learning_rate is None or recipe.training.epochs is None:
         recipe, _ = resolve_training(recipe, train_examples)
     return recipe

@@ -148,7 +148,10 @@ def convert(
     out = Path(out_dir).resolve()
     splits = set_calibration_split(recipe, load_splits(recipe))
     base = resolve_base_model(recipe)
-    recipe, resolved = resolve_training(recipe, len(splits.train))
+    windows = None
+    if recipe.training.epochs is None:  # an epoch trains every window of a long text
+        windows = finetune.count_windows(str(base), recipe, [e.text for e in splits.train])
+    recipe, resolved = resolve_training(recipe, len(splits.train), windows)
     say(f"data: {splits.description}; {splits.counts()}")
     say(
         "training: "

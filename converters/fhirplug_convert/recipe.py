@@ -308,9 +308,10 @@ EPOCHS_REASON = (
 )
 
 
-def default_epochs(train_examples: int, batch_size: int) -> int:
-    """Epochs for a training set of ``train_examples``: about :data:`TARGET_STEPS` steps, within bounds."""
-    steps_per_epoch = max(math.ceil(train_examples / batch_size), 1)
+def default_epochs(train_windows: int, batch_size: int) -> int:
+    """Epochs for a training set of ``train_windows`` windows (every window of a long text is a training row):
+    about :data:`TARGET_STEPS` steps, within bounds."""
+    steps_per_epoch = max(math.ceil(train_windows / batch_size), 1)
     low, high = EPOCH_BOUNDS
     return min(max(math.ceil(TARGET_STEPS / steps_per_epoch), low), high)
 
@@ -872,7 +873,9 @@ def resolve_base_model(recipe: Recipe) -> str:
     return str(local) if local.is_dir() else name
 
 
-def resolve_training(recipe: Recipe, train_examples: int) -> tuple[Recipe, dict[str, dict[str, Any]]]:
+def resolve_training(
+    recipe: Recipe, train_examples: int, train_windows: int | None = None
+) -> tuple[Recipe, dict[str, dict[str, Any]]]:
     """Fill in the training values a recipe left to the converter: the learning rate (per method) and epochs
     (from the training-set size). A value the recipe gives always wins; a search leaves the learning rate to
     the trials (the method's default is kept as their reference).
@@ -880,6 +883,7 @@ def resolve_training(recipe: Recipe, train_examples: int) -> tuple[Recipe, dict[
     Args:
         recipe: a validated recipe.
         train_examples: examples in the training split.
+        train_windows: the windows they make (what an epoch trains on); None: one per example.
 
     Returns:
         The recipe with ``training.learning_rate`` and ``training.epochs`` set, and what was used:
@@ -899,11 +903,13 @@ def resolve_training(recipe: Recipe, train_examples: int) -> tuple[Recipe, dict[
         epochs = spec.epochs
         used["epochs"] = {"value": epochs, "source": "recipe"}
     else:
-        epochs = default_epochs(train_examples, spec.batch_size)
+        windows = train_examples if train_windows is None else train_windows
+        epochs = default_epochs(windows, spec.batch_size)
+        counted = f"{train_examples} training examples" + (f" ({windows} windows)" if windows != train_examples else "")
         used["epochs"] = {
             "value": epochs,
             "source": "default",
-            "reason": f"{train_examples} training examples, batch {spec.batch_size}: {EPOCHS_REASON}",
+            "reason": f"{counted}, batch {spec.batch_size}: {EPOCHS_REASON}",
         }
     used["early_stopping_patience"] = {
         "value": spec.early_stopping_patience,

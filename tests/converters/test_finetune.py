@@ -9,8 +9,17 @@ import pytest
 import torch
 from tests.converters.conftest import write_recipe
 
-from fhirplug_convert.finetune import LogitsModel, PromptTuningModel, _finish, _prepare, load_base, window_size
-from fhirplug_convert.recipe import Lora, load_recipe
+from fhirplug_convert import finetune
+from fhirplug_convert.finetune import (
+    LogitsModel,
+    PromptTuningModel,
+    _finish,
+    _prepare,
+    count_windows,
+    load_base,
+    window_size,
+)
+from fhirplug_convert.recipe import Lora, load_recipe, resolve_training
 
 pytestmark = pytest.mark.train
 LABELS = ["diabetes", "hypertension", "asthma"]
@@ -221,3 +230,29 @@ def test_early_stopping_restores_the_best_epoch(
     assert all(torch.equal(restored[k], v) for k, v in epochs[1]["state"].items())  # epoch 2's weights
     assert not all(torch.equal(restored[k], v) for k, v in epochs[3]["state"].items())  # not the last epoch's
     assert real[0](trained.module) == real[2]  # so it scores on validation what epoch 2 scored
+
+
+def test_default_epochs_count_the_windows_an_epoch_trains(tiny_base: Path, tmp_path: Path) -> None:
+    """Every window of a long text is a training row: 3 windows per text make an epoch 3x the steps, so the
+    default epochs (about 800 steps) count windows, not texts."""
+    recipe = load_recipe(write_recipe(tmp_path, tiny_base, omit=("epochs",)))
+    assert recipe.training.epochs is None
+    by_texts, used = resolve_training(recipe, 2022)
+    by_windows, used_w = resolve_training(recipe, 2022, 6060)
+    assert (by_texts.training.epochs, by_windows.training.epochs) == (7, 3)  # 127 vs 379 steps an epoch
+    assert used_w["epochs"]["reason"].startswith("2022 training examples (6060 windows), batch 16:")
+    assert used["epochs"]["reason"].startswith("2022 training examples, batch 16:")
+    short, long = "asthma follow up", " ".join(["wheeze and cough at night"] * 40)  # window: 32 tokens
+    assert count_windows(str(tiny_base), recipe, [short]) == 1
+    windows = count_windows(str(tiny_base), recipe, [short, long])
+    assert (
+        windows > 3
+        and windows
+        == 1
+        + len(
+            finetune._window_tokenizer(load_base(str(tiny_base), LABELS, False)[1], 32, recipe.training.stride)
+            .encode(long)
+            .overflowing
+        )
+        + 1
+    )
