@@ -45,6 +45,7 @@ from _engines import (
     torch_engine,
 )
 from _floor import EncoderShape, encoder_flops, floor_ms, gemm_calls, gemm_rates
+from _shared import repo_relative
 from fhirplug._bench import _synthetic_windows, _timed, machine, summarize
 from fhirplug.bundle import verify_bundle
 
@@ -580,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 {
                     "engine": "fhirplug-int8",
                     "what": "import fhirplug + load_plugin (verify) + predict(FHIR)",
-                    "bundle": str(cold_bundle),
+                    "bundle": repo_relative(cold_bundle),
                     "bundle_mb": round(sum(f.stat().st_size for f in cold_bundle.iterdir() if f.is_file()) / 1e6, 1),
                     **cold_subprocess(COLD_FHIRPLUG, [str(cold_bundle), PROBE, "int8"], n),
                 },
@@ -618,8 +619,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "model": {
             "name": manifest.name,
             "version": manifest.version,
-            "bundle": str(bundle),
-            "checkpoint": str(checkpoint),
+            "bundle": repo_relative(bundle),
+            "checkpoint": repo_relative(checkpoint),
             "parameters": torch_eng.details["parameters"],
             "layers": enc_shape.layers,
             "hidden": enc_shape.hidden,
