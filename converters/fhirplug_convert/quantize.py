@@ -25,9 +25,10 @@ agreement on 150 held-out windows. So the converter keeps onnxruntime's ``quanti
 None of the other static options measured by ``python benchmarks/int8_speed.py`` (``results/int8_speed.json``)
 beats them at equal accuracy: ``WeightSymmetric=False`` and ``QDQKeepRemovableActivations`` gave the very same graph
 (in the first, loaded run), ``ActivationSymmetric`` and QOperator format run no faster with a larger |Δlogit|,
-int8 (S8S8) activations run 1.7× (loaded) to 2.5× (idle) slower. The graph fused *without* the Attention fusion, whose QKV projections then quantize too, is the int8
-source graph the pipeline uses: 1.4× faster in a run on a loaded machine, about 2% faster (12.21 vs 12.43 ms at
-1×128, within noise) at a similar |Δlogit| in the idle re-run, so it stays for the smaller fp32 share of the work.
+int8 (S8S8) activations run 1.7× (loaded) to 2.5× (idle) slower. The graph fused *without* the Attention fusion,
+whose QKV projections then quantize too, is the int8 source graph the pipeline uses: 1.4× faster in a run on a
+loaded machine, about 2% faster (12.21 vs 12.43 ms at 1×128, within noise) at a similar |Δlogit| in the idle
+re-run, so it stays for the smaller fp32 share of the work.
 """
 
 from __future__ import annotations
