@@ -30,6 +30,7 @@ Corpora (all from ``../shared/data``; nothing derived is committed):
   entity tables with its ``[method]``, ``[training]``, ``[export]`` and ``[parity]`` tables removed; the metric is
   strict mention-level micro-F1 on the BC5CDR test set.
 
+``--plan`` trains nothing and prints what the default recipe would train: texts, windows, epochs and steps.
 ``--update FILE`` merges the runs into an existing results file (a run of the same name is replaced, the command
 is added to ``commands``), so one file holds a corpus' runs measured by separate invocations.
 
@@ -264,12 +265,48 @@ def _write_report(
     target.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
+def plan(corpus: str) -> int:
+    """What the default recipe would train on ``corpus``: texts, windows, epochs and optimizer steps."""
+    import math
+
+    from fhirplug_convert import finetune
+    from fhirplug_convert.datasets import load_splits
+    from fhirplug_convert.pipeline import set_calibration_split
+    from fhirplug_convert.recipe import load_recipe, resolve_base_model, resolve_training
+
+    with tempfile.TemporaryDirectory(prefix="fhirplug-defaults-") as tmp:
+        work = Path(tmp)
+        if corpus == "titles":
+            write_titles(work / "titles.csv")
+        (work / "recipe.toml").write_text(recipe_text(corpus, "default-lora", work), encoding="utf-8")
+        recipe = load_recipe(work / "recipe.toml")
+        splits = set_calibration_split(recipe, load_splits(recipe))
+        texts = len(splits.train)
+        windows = finetune.count_windows(str(resolve_base_model(recipe)), recipe, [e.text for e in splits.train])
+        batch = recipe.training.batch_size
+        epochs = resolve_training(recipe, texts, windows)[0].training.epochs or 0
+        by_texts = resolve_training(recipe, texts)[0].training.epochs or 0
+        per_epoch = math.ceil(windows / batch)
+        print(
+            f"{corpus}: {texts} training texts in {windows} windows, batch {batch}: {per_epoch} steps an epoch; "
+            f"default {epochs} epochs = {epochs * per_epoch} steps (counted from texts: {by_texts} epochs = "
+            f"{by_texts * per_epoch} steps)"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("corpus", choices=sorted(CORPORA))
     parser.add_argument("--runs", help="comma-separated subset of the corpus' runs")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--update", type=Path, help="merge the runs into this existing results file")
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="train nothing: print the default-lora run's training texts, windows and default epochs "
+        "(counted from windows, and as counted from texts before)",
+    )
     parser.add_argument(
         "--keep",
         type=Path,
@@ -280,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{DATA} is missing: these corpora come from ../shared/data")
     if args.update and (args.json or not args.update.is_file()):
         parser.error("--update takes an existing results file, instead of --json")
+    if args.plan:
+        return plan(args.corpus)
     runs = args.runs.split(",") if args.runs else list(CORPORA[args.corpus]["runs"])
     for run in runs:
         if run not in METHODS and not (run == "shipped" and "shipped" in CORPORA[args.corpus]):
