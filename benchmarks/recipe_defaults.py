@@ -267,12 +267,10 @@ def _write_report(
 
 def plan(corpus: str) -> int:
     """What the default recipe would train on ``corpus``: texts, windows, epochs and optimizer steps."""
-    import math
-
     from fhirplug_convert import finetune
     from fhirplug_convert.datasets import load_splits
     from fhirplug_convert.pipeline import set_calibration_split
-    from fhirplug_convert.recipe import load_recipe, resolve_base_model, resolve_training
+    from fhirplug_convert.recipe import load_recipe, resolve_base_model, resolve_training, steps_per_epoch
 
     with tempfile.TemporaryDirectory(prefix="fhirplug-defaults-") as tmp:
         work = Path(tmp)
@@ -286,7 +284,7 @@ def plan(corpus: str) -> int:
         batch = recipe.training.batch_size
         epochs = resolve_training(recipe, texts, windows)[0].training.epochs or 0
         by_texts = resolve_training(recipe, texts)[0].training.epochs or 0
-        per_epoch = math.ceil(windows / batch)
+        per_epoch = steps_per_epoch(windows, batch)
         print(
             f"{corpus}: {texts} training texts in {windows} windows, batch {batch}: {per_epoch} steps an epoch; "
             f"default {epochs} epochs = {epochs * per_epoch} steps (counted from texts: {by_texts} epochs = "

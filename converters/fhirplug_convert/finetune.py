@@ -136,7 +136,7 @@ def load_pretrained(base: str, auto_class: str, labels: Sequence[str], **options
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(base, use_fast=True)
+        tokenizer = load_tokenizer(base)
         # eager attention: the exported graph then has the MatMul/Softmax pattern onnxruntime's BERT fusion
         # recognises (the sdpa path exports a graph it does not fuse).
         model = getattr(transformers, auto_class).from_pretrained(
@@ -151,13 +151,26 @@ def load_pretrained(base: str, auto_class: str, labels: Sequence[str], **options
         raise ConvertError(f"base_model {base!r}: cannot load it ({str(exc).splitlines()[0]})") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
+    return model, tokenizer
+
+
+def load_tokenizer(base: str) -> Tokenizer:
+    """``base``'s fast tokenizer, padding and truncation off (the runtime windows long notes itself; a
+    tokenizer.json with fixed padding/truncation would fight it).
+
+    Raises:
+        ConvertError: the tokenizer cannot be loaded, or has no fast version.
+        OSError, ValueError: from transformers, for the caller to word (see :func:`load_pretrained`).
+    """
+    import transformers
+
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(base, use_fast=True)
     if not hf_tokenizer.is_fast:
         raise ConvertError(f"base_model {base!r}: the runtime needs a fast tokenizer (tokenizer.json); none found")
     tokenizer = Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
-    # The runtime windows long notes itself; a tokenizer.json with fixed padding/truncation would fight it.
     tokenizer.no_padding()
     tokenizer.no_truncation()
-    return model, tokenizer
+    return tokenizer
 
 
 TRAINING_RECORD = "fhirplug-training.json"
@@ -375,10 +388,9 @@ def count_windows(base: str, recipe: Recipe, texts: Sequence[str]) -> int:
 
     try:
         config = transformers.AutoConfig.from_pretrained(base)
-        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(base, use_fast=True)
+        tokenizer = load_tokenizer(base)
     except (OSError, ValueError) as exc:
         raise ConvertError(f"base_model {base!r}: cannot load it ({str(exc).splitlines()[0]})") from exc
-    tokenizer = Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
     windowed = _window_tokenizer(tokenizer, window_size(config, recipe), recipe.training.stride)
     return sum(1 + len(e.overflowing) for e in windowed.encode_batch(list(texts)))
 

@@ -308,12 +308,16 @@ EPOCHS_REASON = (
 )
 
 
+def steps_per_epoch(train_windows: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch over ``train_windows`` training rows (the last batch may be short)."""
+    return max(math.ceil(train_windows / batch_size), 1)
+
+
 def default_epochs(train_windows: int, batch_size: int) -> int:
     """Epochs for a training set of ``train_windows`` windows (every window of a long text is a training row):
     about :data:`TARGET_STEPS` steps, within bounds."""
-    steps_per_epoch = max(math.ceil(train_windows / batch_size), 1)
     low, high = EPOCH_BOUNDS
-    return min(max(math.ceil(TARGET_STEPS / steps_per_epoch), low), high)
+    return min(max(math.ceil(TARGET_STEPS / steps_per_epoch(train_windows, batch_size)), low), high)
 
 
 class SearchSpec(_Frozen):
